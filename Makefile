@@ -1,0 +1,31 @@
+# Two entry points a new user needs (see README): `make quickstart` and `make test`.
+# Both create .venv and install everything on a fresh machine first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: setup quickstart test lint bench clean-state
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+	bash infra/local/ensure_fashion_mnist.sh
+
+quickstart: setup
+	bash infra/local/quickstart.sh $(ARGS)
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) bench/step.py
+	$(PY) bench/attention.py
+	$(PY) bench/data_stream.py

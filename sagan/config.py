@@ -1,0 +1,365 @@
+"""Typed configuration tree for SAGAN training, loaded from YAML with dotted CLI overrides.
+
+Why dataclasses and not a dict: every consumer (models, training, pipelines) reads typed fields,
+and every invalid value is caught here, once, with an error that names the field — long before a
+Ray cluster spins up or a GPU-hour is spent.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.lr_d=2e-4", "model.g_attention=[16,32]"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMAGE_SIZES = (32, 64, 128)
+MIN_ATTENTION_RES = 8  # below 8x8 the 2x2-pooled keys leave too few positions to attend over
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the dotted field and says what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 32
+    channels: int = 3
+    num_classes: int = 10
+    z_dim: int = 128
+    g_ch: int = 32
+    d_ch: int = 32
+    g_attention: list[int] = field(default_factory=lambda: [16])
+    d_attention: list[int] = field(default_factory=lambda: [16])
+    attention_heads: int = 1
+    attention_pooled: bool = True
+    gamma_init: float = 0.0
+    gamma_learnable: bool = True
+
+
+@dataclass
+class DataConfig:
+    # Local directory, s3://bucket/prefix or http(s):// prefix holding train-*.tar + manifest.json.
+    path: str = "data/fashion-mnist-32"
+    # S3 endpoint for S3-compatible stores; None -> AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS.
+    endpoint_url: str | None = None
+    shuffle_buffer: int = 1000
+    hflip: bool = False
+    loader_workers: int = 2
+    verify_sha256: bool = False
+    # Source used to prepare `path` on first use when it is a missing local directory.
+    prepare_source: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # global batch, split evenly over `workers`
+    lr_g: float = 1e-4
+    lr_d: float = 4e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+    ndis: int = 1
+    loss: str = "hinge"
+    ema_decay: float = 0.9999
+    ema_start: int = 1000
+    amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    log_every: int = 50
+    ckpt_every: int = 500
+    sample_every: int = 500
+    keep_checkpoints: int = 3
+    max_failures: int = 3
+    run_name: str = "sagan"
+    storage_path: str = "runs"
+    nan_policy: str = "stop"  # stop: raise naming the step; skip: drop the step and count it
+
+
+@dataclass
+class EvalConfig:
+    eval_every: int = 0  # 0 disables in-training evaluation
+    num_samples: int = 5000
+    real_samples: int = 5000
+    batch_size: int = 64
+    metrics: list[str] = field(default_factory=lambda: ["fid", "kid"])
+    inception_weights: str | None = None
+    cache_dir: str = "~/.cache/sagan/fidelity"
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else ./mlruns
+    experiment: str = "sagan"
+    registered_model: str = "sagan-generator"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------- resolutions
+
+
+def g_resolutions(image_size: int) -> list[int]:
+    """Feature-map sizes at which the Generator can place attention (outputs of its up-blocks)."""
+    return [r for r in _powers(MIN_ATTENTION_RES, image_size)]
+
+
+def d_resolutions(image_size: int) -> list[int]:
+    """Feature-map sizes at which the Discriminator can place attention (outputs of down-blocks)."""
+    return [r for r in _powers(MIN_ATTENTION_RES, image_size // 2)]
+
+
+def _powers(lo: int, hi: int) -> list[int]:
+    out, r = [], lo
+    while r <= hi:
+        out.append(r)
+        r *= 2
+    return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check/convert one leaf value against its annotation; raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config field '{name}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field '{name}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config field '{name}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config field '{name}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config field '{name}': expected a string, got {value!r}")
+    raise ConfigError(f"config field '{name}': unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        where = prefix or "config"
+        raise ConfigError(f"config section '{where}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(
+                f"config: unknown key '{dotted}' (valid keys here: {', '.join(sorted(names))})"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], dotted)
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, dotted)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"config override '{item}': expected KEY=VALUE, e.g. train.lr_d=2e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"config override '{item}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(
+            f"config override '{key}': cannot parse value {raw!r} ({first})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings (values parsed as YAML) onto a nested dict, in order."""
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"config override '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """Build and validate a Config from a plain dict (e.g. a logged YAML) plus overrides."""
+    data = apply_overrides(_deepcopy(data or {}), overrides or [])
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML `path` (None: all defaults), apply dotted overrides, validate, return Config."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}': not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = " ".join(str(exc).split())[:200]
+            raise ConfigError(f"config file '{p}': invalid YAML ({first})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}': top level must be a mapping")
+    return config_from_dict(data, overrides)
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """Dotted-key view of the whole resolved config (for MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else k)
+        else:
+            out[prefix] = node
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field '{name}': {msg}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError (naming the field) on the first invalid value."""
+    m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
+    _require(m.image_size in IMAGE_SIZES, "model.image_size",
+             f"must be one of {list(IMAGE_SIZES)}, got {m.image_size}")
+    _require(m.channels in (1, 3), "model.channels", f"must be 1 or 3, got {m.channels}")
+    _require(m.num_classes >= 0, "model.num_classes", f"must be >= 0, got {m.num_classes}")
+    _require(m.z_dim > 0, "model.z_dim", f"must be > 0, got {m.z_dim}")
+    for name, ch in (("model.g_ch", m.g_ch), ("model.d_ch", m.d_ch)):
+        _require(ch >= 8 and ch % 8 == 0, name, f"must be a positive multiple of 8, got {ch}")
+    _require(m.attention_heads >= 1, "model.attention_heads",
+             f"must be >= 1, got {m.attention_heads}")
+    for name, placement, allowed in (
+        ("model.g_attention", m.g_attention, g_resolutions(m.image_size)),
+        ("model.d_attention", m.d_attention, d_resolutions(m.image_size)),
+    ):
+        for r in placement:
+            _require(r in allowed, name,
+                     f"resolution {r} does not exist in this network at image_size "
+                     f"{m.image_size}; allowed: {allowed}")
+        _require(len(set(placement)) == len(placement), name, f"duplicate entries in {placement}")
+
+    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _require(d.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+    _require(bool(d.path), "data.path", "must not be empty")
+
+    _require(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    _require(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    _require(t.workers >= 1, "train.workers", f"must be >= 1, got {t.workers}")
+    _require(t.batch_size % t.workers == 0, "train.batch_size",
+             f"{t.batch_size} is not divisible by train.workers={t.workers}")
+    for name in ("lr_g", "lr_d"):
+        v = getattr(t, name)
+        _require(v > 0 and v == v, f"train.{name}", f"must be > 0, got {v}")
+    _require(0 <= t.beta1 < 1, "train.beta1", f"must be in [0, 1), got {t.beta1}")
+    _require(0 <= t.beta2 < 1, "train.beta2", f"must be in [0, 1), got {t.beta2}")
+    _require(t.ndis >= 1, "train.ndis", f"must be >= 1, got {t.ndis}")
+    _require(t.loss in ("hinge", "ns"), "train.loss", f"must be 'hinge' or 'ns', got {t.loss!r}")
+    _require(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    _require(t.ema_start >= 0, "train.ema_start", "must be >= 0")
+    _require(t.amp in ("auto", "bf16", "none"), "train.amp",
+             f"must be 'auto', 'bf16' or 'none', got {t.amp!r}")
+    _require(t.gpus_per_worker >= 0, "train.gpus_per_worker", "must be >= 0")
+    _require(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
+    for name in ("log_every", "ckpt_every", "sample_every"):
+        _require(getattr(t, name) >= 0, f"train.{name}", "must be >= 0 (0 disables)")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _require(t.max_failures >= -1, "train.max_failures", "must be >= -1 (-1: unlimited)")
+    _require(bool(t.run_name) and "/" not in t.run_name, "train.run_name",
+             "must be a non-empty name without '/'")
+    _require(t.nan_policy in ("stop", "skip"), "train.nan_policy",
+             f"must be 'stop' or 'skip', got {t.nan_policy!r}")
+
+    _require(e.eval_every >= 0, "eval.eval_every", "must be >= 0 (0 disables)")
+    _require(e.num_samples > 1, "eval.num_samples", "must be > 1")
+    _require(e.real_samples > 1, "eval.real_samples", "must be > 1")
+    _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
+    for i, metric in enumerate(e.metrics):
+        _require(metric in ("fid", "kid", "is"), f"eval.metrics[{i}]",
+                 f"must be one of fid, kid, is; got {metric!r}")

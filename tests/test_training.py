@@ -1,0 +1,154 @@
+"""Training step behaviour: D learns, G step leaves D alone, checkpoints resume bit-identically."""
+
+import pytest
+import torch
+
+from sagan.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_generator,
+    restore_trainer,
+    save_checkpoint,
+)
+from sagan.config import load_config
+from sagan.training import GANTrainer, NonFiniteLossError, to_floats
+
+TINY = ["model.g_ch=8", "model.d_ch=8", "model.z_dim=16", "model.channels=1",
+        "model.num_classes=3", "train.batch_size=8", "train.ema_start=2", "train.ema_decay=0.9"]
+
+
+def _batch(seed=0, n=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 32, 32, generator=g) * 2 - 1
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def _repeat(batch):
+    while True:
+        yield batch
+
+
+def test_d_steps_drive_hinge_loss_down():
+    trainer = GANTrainer(load_config(None, TINY))
+    x, y = _batch()
+    losses = [trainer.d_step(x, y)["loss_d"].item() for _ in range(50)]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    assert last < 1.0  # below the 2.0 of an undecided D
+
+
+def test_g_step_leaves_d_weights_unchanged():
+    trainer = GANTrainer(load_config(None, TINY))
+    x, y = _batch()
+    trainer.d_step(x, y)
+    before = {k: v.clone() for k, v in trainer.D_raw.named_parameters()}
+    g_before = {k: v.clone() for k, v in trainer.G_raw.named_parameters()}
+    trainer.g_step(8)
+    for k, v in trainer.D_raw.named_parameters():
+        assert torch.equal(v, before[k]), k
+        assert v.requires_grad == before[k].requires_grad
+    changed = [k for k, v in trainer.G_raw.named_parameters() if not torch.equal(v, g_before[k])]
+    assert len(changed) > 10  # G did learn
+
+
+def test_g_step_gives_d_no_gradient():
+    trainer = GANTrainer(load_config(None, TINY))
+    trainer.opt_d.zero_grad(set_to_none=True)
+    trainer.g_step(8)
+    assert all(p.grad is None for p in trainer.D_raw.parameters())
+
+
+def test_metrics_dict_has_losses_and_gammas():
+    trainer = GANTrainer(load_config(None, TINY + ["model.g_attention=[8, 16]",
+                                                   "model.d_attention=[16]", "train.ndis=2"]))
+    m = to_floats(trainer.train_step(_repeat(_batch())))
+    assert {"loss_d", "loss_g", "d_real", "d_fake", "gamma/g_attn8", "gamma/g_attn16",
+            "gamma/d_attn16"} <= set(m)
+    assert trainer.step == 1
+    assert all(v == v for v in m.values())
+    # gamma starts at 0 and moves once trained (it is learnable by default)
+    for _ in range(3):
+        m = to_floats(trainer.train_step(_repeat(_batch())))
+    assert m["gamma/g_attn16"] != 0.0
+
+
+def test_ema_tracks_then_averages():
+    trainer = GANTrainer(load_config(None, TINY))
+    data = _repeat(_batch())
+    trainer.train_step(data)  # step 0 < ema_start: EMA == G
+    for pe, p in zip(trainer.ema.module.parameters(), trainer.G_raw.parameters(), strict=True):
+        assert torch.equal(pe, p)
+    for _ in range(3):
+        trainer.train_step(data)
+    diffs = [(pe - p).abs().max().item()
+             for pe, p in zip(trainer.ema.module.parameters(), trainer.G_raw.parameters(),
+                              strict=True)]
+    assert max(diffs) > 0  # averaging, not copying
+    G = trainer.ema_generator()
+    assert not G.training and G(*G.sample_inputs(2)).shape == (2, 1, 32, 32)
+
+
+def test_checkpoint_roundtrip_resumes_bit_identically(tmp_path):
+    cfg = load_config(None, TINY)
+    a = GANTrainer(cfg)
+    for i in range(3):
+        a.train_step(_repeat(_batch(i)))
+    path = save_checkpoint(tmp_path / "ckpt.pt", a)
+    next_a = [to_floats(a.train_step(_repeat(_batch(9)))) for _ in range(2)]
+
+    torch.manual_seed(1234)  # disturb global RNG: restore must not depend on it
+    b = GANTrainer(cfg)
+    restore_trainer(b, load_checkpoint(path))
+    assert b.step == 3
+    next_b = [to_floats(b.train_step(_repeat(_batch(9)))) for _ in range(2)]
+    assert next_a == next_b
+    for (k, va), vb in zip(a.G_raw.state_dict().items(), b.G_raw.state_dict().values(),
+                           strict=True):
+        assert torch.equal(va, vb), k
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temp file
+
+
+def test_load_generator_from_checkpoint(tmp_path):
+    a = GANTrainer(load_config(None, TINY))
+    a.train_step(_repeat(_batch()))
+    save_checkpoint(tmp_path / "c.pt", a)
+    G, cfg = load_generator(tmp_path / "c.pt")
+    assert cfg.model.num_classes == 3 and not G.training
+    z, y = G.sample_inputs(4)
+    assert G(z, y).shape == (4, 1, 32, 32)
+
+
+def test_tampered_checkpoint_gives_clear_error(tmp_path):
+    a = GANTrainer(load_config(None, TINY))
+    path = save_checkpoint(tmp_path / "c.pt", a)
+    state = torch.load(path, weights_only=True)
+    key = next(iter(state["D"]))
+    state["D"][key] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "bad.pt")
+    b = GANTrainer(load_config(None, TINY))
+    with pytest.raises(CheckpointError, match="'D' weights do not match.*wrong shape"):
+        restore_trainer(b, load_checkpoint(tmp_path / "bad.pt"))
+    del state["opt_g"]
+    torch.save(state, tmp_path / "bad2.pt")
+    with pytest.raises(CheckpointError, match="missing keys: opt_g"):
+        load_checkpoint(tmp_path / "bad2.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_nan_loss_stops_naming_the_step_or_is_skipped():
+    x, y = _batch()
+    x_bad = x.clone()
+    x_bad[0, 0, 0, 0] = float("nan")
+    trainer = GANTrainer(load_config(None, TINY))
+    trainer.train_step(_repeat((x, y)))
+    before = {k: v.clone() for k, v in trainer.D_raw.named_parameters()}
+    with pytest.raises(NonFiniteLossError, match="loss_d at step 2"):
+        trainer.train_step(_repeat((x_bad, y)))
+    for k, v in trainer.D_raw.named_parameters():
+        assert torch.equal(v, before[k])  # the bad step touched nothing
+    skipper = GANTrainer(load_config(None, TINY + ["train.nan_policy=skip"]))
+    skipper.train_step(_repeat((x_bad, y)))
+    assert skipper.skipped_steps == 1 and skipper.step == 1
