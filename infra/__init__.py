@@ -1,0 +1,1 @@
+"""Deployment and local-stack helpers (not part of the installed `sagan` library)."""

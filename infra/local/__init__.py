@@ -1,0 +1,1 @@
+"""Local development stack: S3 (moto), Ray head, MLflow server helpers."""

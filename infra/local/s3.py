@@ -1,0 +1,162 @@
+"""Local S3 endpoint for development and tests: moto's S3 server on a free loopback port.
+
+Why moto and not MinIO: moto is a pip dependency (no binary download, works offline), speaks
+enough of the S3 API for our shards (PUT/GET/Range/List/Delete), and keeps everything in memory,
+so a test gets a clean, isolated store in about a second. Why a real server rather than
+`moto.mock_aws`: the data pipeline streams through real sockets (and through a fault-injecting
+TCP proxy in the tests), which an in-process mock would bypass.
+
+Library use (the infra scripts and the pytest fixture import this file):
+
+    from infra.local.s3 import start_s3_server, stop_s3_server
+    proc, endpoint = start_s3_server()      # e.g. http://127.0.0.1:40123
+    ...
+    stop_s3_server(proc)
+
+CLI (foreground; Ctrl-C stops it):
+
+    python infra/local/s3.py --port 9000
+    # then: export AWS_ENDPOINT_URL_S3=http://127.0.0.1:9000 AWS_ACCESS_KEY_ID=testing ...
+
+This module deliberately imports nothing outside the standard library, so it can be loaded
+before (or without) Ray, MLflow or the `sagan` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+__all__ = ["free_port", "start_s3_server", "stop_s3_server", "wait_healthy"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Ask the kernel for a currently unused TCP port on `host`.
+
+    There is a small race between closing this probe socket and the server binding the port;
+    `start_s3_server` covers it by retrying with a new port if the server dies on startup.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _server_command(host: str, port: int) -> list[str]:
+    """Prefer the `moto_server` next to the running interpreter (the venv), then PATH, then
+    `python -m moto.server`, so the helper works whether or not the venv is activated."""
+    local = Path(sys.executable).with_name("moto_server")
+    exe = str(local) if local.exists() else shutil.which("moto_server")
+    if exe:
+        return [exe, "-H", host, "-p", str(port)]
+    return [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+
+
+def wait_healthy(endpoint_url: str, proc: subprocess.Popen | None = None,
+                 timeout: float = 30.0) -> None:
+    """Block until `endpoint_url` answers HTTP (any status), or raise RuntimeError.
+
+    Fails fast if `proc` exits meanwhile (e.g. the port was taken), instead of polling a dead
+    server until the timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"S3 server exited with code {proc.returncode} during startup")
+        try:
+            with urllib.request.urlopen(endpoint_url + "/", timeout=2.0) as resp:
+                resp.read()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered; an S3 error status still means the server is up
+        except (OSError, urllib.error.URLError) as exc:
+            last = exc
+            time.sleep(0.05)
+    raise RuntimeError(f"S3 server at {endpoint_url} not healthy after {timeout:.0f}s: {last}")
+
+
+def start_s3_server(host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0,
+                    log_path: str | os.PathLike | None = None,
+                    attempts: int = 3) -> tuple[subprocess.Popen, str]:
+    """Start moto's S3 server and wait until it serves; return (process, endpoint_url).
+
+    `port=None` picks a free port (retrying on a lost bind race). Server logs go to `log_path`
+    or are discarded: werkzeug logs every request, and an unread pipe would eventually block
+    the server.
+    """
+    last_error: Exception | None = None
+    for _ in range(attempts if port is None else 1):
+        chosen = port if port is not None else free_port(host)
+        endpoint = f"http://{host}:{chosen}"
+        log: IO[bytes] | int = subprocess.DEVNULL
+        if log_path is not None:
+            log = open(log_path, "ab")  # handed to the child, closed below
+        try:
+            proc = subprocess.Popen(
+                _server_command(host, chosen),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,  # a Ctrl-C meant for the parent must not kill it early
+            )
+        finally:
+            if log_path is not None:
+                log.close()  # type: ignore[union-attr]
+        try:
+            wait_healthy(endpoint, proc, timeout)
+            return proc, endpoint
+        except RuntimeError as exc:
+            last_error = exc
+            stop_s3_server(proc)
+    raise RuntimeError(f"could not start the moto S3 server: {last_error}")
+
+
+def stop_s3_server(proc: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Stop exactly this server process (SIGTERM, then SIGKILL after `timeout` seconds)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server in the foreground until interrupted; print the env to point clients at."""
+    ap = argparse.ArgumentParser(description="Run moto's S3 server on loopback for local dev.")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    ap.add_argument("--log", default=None, help="append server logs to this file")
+    args = ap.parse_args(argv)
+    proc, endpoint = start_s3_server(args.host, args.port, log_path=args.log)
+    print(f"S3 (moto) serving at {endpoint}  pid {proc.pid}", flush=True)
+    print(f"export AWS_ENDPOINT_URL_S3={endpoint} AWS_ACCESS_KEY_ID=testing "
+          "AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1", flush=True)
+    stop = False
+
+    def _on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        while not stop and proc.poll() is None:
+            time.sleep(0.5)
+    finally:
+        stop_s3_server(proc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
