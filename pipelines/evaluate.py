@@ -1,0 +1,208 @@
+"""Evaluate a SAGAN generator (checkpoint or MLflow model) with FID / KID / IS.
+
+    python pipelines/evaluate.py --model runs/sagan/checkpoint_000004/checkpoint.pt \\
+        --data data/fashion-mnist-32
+    python pipelines/evaluate.py --model models:/sagan-generator@champion \\
+        --data s3://datasets/cifar10-32 --num-samples 10000 --out metrics.json
+    python pipelines/evaluate.py --model ckpt.pt --data data/x --inception-weights \\
+        /shared/weights-inception-2015-12-05-6726825d.pth          # offline cluster
+
+Prints one `name value` line per metric, writes JSON (--out), and logs a run to MLflow when
+--tracking-uri or $MLFLOW_TRACKING_URI is set. Bad input ends with one line on stderr naming the
+file or field, exit code 2. See docs/EVALUATION.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python pipelines/evaluate.py` or by `ray job submit`
+    sys.path.insert(0, str(ROOT))
+
+from sagan.config import Config, ConfigError, config_from_dict, load_config, to_dict, validate  # noqa: E402,I001
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Score a SAGAN generator against a real image set with FID / KID / IS "
+                    "(torch-fidelity; real-set features cached under eval.cache_dir).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python pipelines/evaluate.py --model runs/sagan/ckpt/checkpoint.pt "
+               "--data data/fashion-mnist-32\n"
+               "  python pipelines/evaluate.py --model models:/sagan-generator@champion "
+               "--data s3://bucket/cifar10-32 --out metrics.json\n"
+               "offline: --inception-weights PATH or put the weights file in "
+               "$TORCH_HOME/hub/checkpoints/ (see docs/EVALUATION.md)")
+    p.add_argument("--model", required=True, metavar="SRC",
+                   help="checkpoint file/dir, or MLflow URI models:/NAME@ALIAS, runs:/ID/generator")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="real set: shard dir, s3://bucket/prefix or http(s):// prefix")
+    p.add_argument("--config", metavar="YAML",
+                   help="config whose eval section to use (default: the checkpoint's, else "
+                        "defaults)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. eval.batch_size=128")
+    p.add_argument("--num-samples", type=int, metavar="N",
+                   help="generated images (eval.num_samples)")
+    p.add_argument("--real-samples", type=int, metavar="N", help="real images (eval.real_samples)")
+    p.add_argument("--metrics", metavar="LIST", help="comma list of fid,kid,is (eval.metrics)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="eval.batch_size")
+    p.add_argument("--inception-weights", metavar="PATH",
+                   help="InceptionV3 weights file for offline use (eval.inception_weights)")
+    p.add_argument("--cache-dir", metavar="DIR", help="real-feature cache (eval.cache_dir)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--endpoint-url", help="S3 endpoint for s3:// data (default: AWS_ENDPOINT_URL*)")
+    p.add_argument("--out", metavar="JSON", help="write the metrics (and what was evaluated) here")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI: log an evaluation run there "
+                   "(default: $MLFLOW_TRACKING_URI; unset = no logging)")
+    p.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device '{name}': not a torch device (cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device '{name}': CUDA is not available on this machine")
+    return name
+
+
+def build_config(args: argparse.Namespace, ckpt_cfg: Config | None) -> Config:
+    """--config YAML, else the checkpoint's config, else defaults; then overrides and flags."""
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    elif ckpt_cfg is not None:
+        cfg = config_from_dict(to_dict(ckpt_cfg), args.overrides)
+    else:
+        cfg = load_config(None, args.overrides)
+    ev: dict[str, Any] = {}
+    for flag, name in (("num_samples", "num_samples"), ("real_samples", "real_samples"),
+                       ("batch_size", "batch_size"), ("inception_weights", "inception_weights"),
+                       ("cache_dir", "cache_dir")):
+        if getattr(args, flag) is not None:
+            ev[name] = getattr(args, flag)
+    if args.metrics is not None:
+        ev["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    cfg.eval = dataclasses.replace(cfg.eval, **ev)
+    validate(cfg)
+    if not cfg.eval.metrics:
+        raise ConfigError("config field 'eval.metrics': empty; choose from fid, kid, is")
+    return cfg
+
+
+def _tracking_uri(args: argparse.Namespace) -> str | None:
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def log_to_mlflow(uri: str, experiment: str, record: dict[str, Any], out: str | None) -> str:
+    """One MLflow run per evaluation: params (what was evaluated), metrics, the JSON record."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    if MlflowClient(uri).get_experiment_by_name(experiment) is None and uri.startswith(
+            "sqlite:///"):  # artifacts next to the database, as pipelines/tracking.py does
+        art = Path(uri[len("sqlite:///"):]).parent / "artifacts"
+        MlflowClient(uri).create_experiment(experiment, artifact_location=art.as_uri())
+    mlflow.set_experiment(experiment)
+    name = f"evaluate-{Path(str(record['model'])).name or 'model'}"[:100]
+    with mlflow.start_run(run_name=name, tags={"sagan.kind": "evaluation",
+                                               "sagan.model_source": str(record["model"])}) as run:
+        mlflow.log_params({k: str(record[k])[:500] for k in
+                           ("model", "data", "num_samples", "real_samples", "seed", "device",
+                            "inception_weights")})
+        mlflow.log_metrics(record["metrics"])
+        if out:
+            mlflow.log_artifact(out)
+        else:
+            mlflow.log_dict(record, "metrics.json")
+        return run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from pipelines.model_io import ModelSourceError, is_mlflow_source, load_generator_any
+    from sagan.checkpoint import CheckpointError
+    from sagan.data import DataError
+    from sagan.metrics import (
+        InceptionWeightsError,
+        RealDataError,
+        compute_metrics,
+        resolve_inception_weights,
+    )
+
+    known = (ConfigError, ModelSourceError, CheckpointError, DataError, InceptionWeightsError,
+             RealDataError, FileNotFoundError)
+    progress = not args.no_progress
+    uri = _tracking_uri(args)
+    try:
+        from pipelines.tracking import TrackingError, check_reachable
+
+        known = (*known, TrackingError)
+        device = resolve_device(args.device)
+        if uri:
+            check_reachable(uri)  # fail before minutes of sampling, not after
+        steps = tqdm(total=3, desc="evaluate", unit="step", disable=not progress)
+        steps.set_postfix_str("loading model")
+        load_uri = uri
+        if load_uri is None and is_mlflow_source(args.model):
+            from pipelines.tracking import resolve_tracking_uri
+
+            load_uri = resolve_tracking_uri(load_config(None), project_dir=Path.cwd())
+        G, _model_cfg, ckpt_cfg = load_generator_any(args.model, device, tracking_uri=load_uri)
+        cfg = build_config(args, ckpt_cfg)
+        weights = resolve_inception_weights(cfg.eval.inception_weights, progress=progress)
+        steps.update()
+        steps.set_postfix_str("scoring")
+        t0 = time.time()
+        metrics = compute_metrics(G, cfg.eval, real=args.data, device=device,
+                                  endpoint_url=args.endpoint_url, seed=args.seed,
+                                  progress=progress)
+        steps.update()
+    except known as exc:
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        return 2
+    record = {"model": args.model, "data": args.data, "metrics": metrics,
+              "num_samples": cfg.eval.num_samples, "real_samples": cfg.eval.real_samples,
+              "seed": args.seed, "device": device, "inception_weights": str(weights),
+              "seconds": round(time.time() - t0, 2)}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+    if uri:
+        steps.set_postfix_str("logging to MLflow")
+        run_id = log_to_mlflow(uri, args.experiment or cfg.tracking.experiment, record, args.out)
+        record["mlflow_run_id"] = run_id
+    steps.update()
+    steps.close()
+    for k, v in metrics.items():
+        print(f"{k} {v:.6g}")
+    if args.out:
+        print(f"wrote {args.out}")
+    if uri:
+        print(f"MLflow run {record['mlflow_run_id']} at {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
