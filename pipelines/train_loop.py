@@ -1,0 +1,147 @@
+"""The per-worker Ray Train loop: build the trainer, restore, stream shards, step, report.
+
+Every rank calls `ray.train.report` at exactly the same steps (checkpoint steps, eval steps and
+the last step: pure functions of the step counter), as Train V2 requires; only rank 0 attaches
+a checkpoint, logs to MLflow, draws samples and computes FID.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sagan.checkpoint import load_checkpoint, restore_trainer, save_checkpoint
+from sagan.config import Config, config_from_dict
+from sagan.training import GANTrainer, to_floats
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _report_fn():
+    """ray.tune.report inside a Tune trial that runs in-process, else ray.train.report."""
+    if os.environ.get("SAGAN_TUNE_INPROCESS") == "1":
+        import ray.tune
+
+        return ray.tune.report, ray.tune.get_checkpoint, ray.tune.Checkpoint
+    import ray.train
+
+    return ray.train.report, ray.train.get_checkpoint, ray.train.Checkpoint
+
+
+def _say(message: str) -> None:
+    """One progress line. Train V2 patches print() and tees it when a library has wrapped
+    sys.stdout (MLflow does), which prints every line twice; the raw stream does not."""
+    sys.__stdout__.write(message + "\n")
+    sys.__stdout__.flush()
+
+
+def _every(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _batches(loader: Any) -> Iterator:
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise RuntimeError("data loader produced no batches (all shards unreadable?)")
+
+
+def _context() -> tuple[int, int, torch.device]:
+    if os.environ.get("SAGAN_TUNE_INPROCESS") == "1":
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point run by every Ray Train worker (also called in-process by Tune trials)."""
+    from sagan.data import load_manifest, train_loader
+
+    cfg: Config = config_from_dict(loop_config["config"])
+    t = cfg.train
+    report, get_checkpoint, Checkpoint = _report_fn()
+    rank, world, device = _context()
+    if device.type == "cpu" and t.cpus_per_worker >= 1:
+        torch.set_num_threads(int(t.cpus_per_worker))
+    trainer = GANTrainer(cfg, device=device, rank=rank)
+
+    ckpt = get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            restore_trainer(trainer, load_checkpoint(Path(d) / CHECKPOINT_FILE, device),
+                            where=f"checkpoint {ckpt.path}")
+        _say(f"[rank {rank}] resumed from {ckpt.path} at step {trainer.step}")
+
+    manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
+    per_rank = t.batch_size // world
+    per_epoch = max(1, manifest.total // t.batch_size)
+    loader = train_loader(cfg.data, per_rank, rank=rank, world_size=world,
+                          batches_per_epoch=per_epoch * t.ndis, seed=t.seed + trainer.step,
+                          manifest=manifest)
+    batches = _batches(loader)
+
+    logger = None
+    if rank == 0 and loop_config.get("tracking_uri") and loop_config.get("run_id"):
+        from pipelines.tracking import RunLogger
+
+        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
+
+    last_time, last_step = time.perf_counter(), trainer.step
+    while trainer.step < t.steps:
+        metrics = trainer.train_step(batches)
+        step = trainer.step
+        do_log = _every(step, t.log_every, t.steps)
+        do_ckpt = _every(step, t.ckpt_every, t.steps)
+        do_eval = cfg.eval.eval_every > 0 and _every(step, cfg.eval.eval_every, t.steps)
+        do_sample = t.sample_every > 0 and _every(step, t.sample_every, t.steps)
+        if not (do_log or do_ckpt or do_eval or do_sample):
+            continue
+        values = to_floats(metrics)
+        now = time.perf_counter()
+        values["img_per_s"] = (step - last_step) * t.batch_size * t.ndis / max(now - last_time,
+                                                                                1e-9)
+        last_time, last_step = now, step
+        stats = loader.stats
+        values.update(skipped_samples=stats.skipped_samples, skipped_shards=stats.skipped_shards,
+                      skipped_steps=trainer.skipped_steps)
+        if rank == 0:
+            if do_log:
+                _say(f"step {step}/{t.steps} " + " ".join(
+                    f"{k}={v:.4g}" for k, v in values.items()))
+            if do_sample or do_eval:
+                G_ema = trainer.ema_generator()
+            if do_sample and logger is not None:
+                from sagan.visualize import sample_grid
+
+                logger.log_image(sample_grid(G_ema, seed=0, device=device),
+                                 f"samples/step_{step:07d}.png")
+            if do_eval:
+                from sagan.metrics import compute_metrics
+
+                values.update(compute_metrics(G_ema, cfg.eval, real=cfg.data.path,
+                                              device=device,
+                                              num_classes=cfg.model.num_classes,
+                                              endpoint_url=cfg.data.endpoint_url))
+            if logger is not None and (do_log or do_eval):
+                logger.log_metrics(values, step)
+        if not (do_ckpt or do_eval):
+            continue
+        values["step"] = step
+        if do_ckpt and rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer)
+                report(values, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            report(values)

@@ -1,0 +1,205 @@
+"""Issue 5 end to end: `ray job submit ... pipelines/train.py` on a real local Ray cluster, shards
+in a real S3 endpoint (moto server), a real MLflow server (sqlite) — all on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXCLUDES = [".venv", ".git", "data", "runs", "mlruns", ".state", "bench/results",
+            "**/__pycache__", ".pytest_cache", ".ruff_cache"]
+TINY = ["model.g_ch=8", "model.d_ch=8", "model.z_dim=32", "train.batch_size=16",
+        "train.workers=2", "data.shuffle_buffer=100", "data.loader_workers=1",
+        "train.ema_start=4"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack_shards(local_stack):
+    """Fashion-MNIST subset (600 images, 6 shards) written straight into the stack's S3."""
+    from sagan.datasets import prepare_dataset
+
+    env = local_stack.environ()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        url = f"s3://{local_stack.bucket}/fashion-e2e"
+        m = prepare_dataset("fashion-mnist", url, image_size=32, limit=600,
+                            samples_per_shard=100, endpoint_url=local_stack.s3_endpoint)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert m.total == 600 and len(m.shards) == 6
+    return url
+
+
+def _submit(stack, args: list[str], wait: bool = True, timeout: int = 600):
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
+           "--address", stack.ray_address, "--working-dir", str(ROOT),
+           "--runtime-env-json", json.dumps({"excludes": EXCLUDES})]
+    if not wait:
+        cmd.append("--no-wait")
+    cmd += ["--", "python", "pipelines/train.py", *args]
+    return subprocess.run(cmd, env=stack.environ(), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def _client(stack):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(stack.mlflow_uri)
+
+
+def _runs(stack, run_name: str, experiment: str = "sagan-quickstart"):
+    client = _client(stack)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.`sagan.run_name` = '{run_name}'")
+
+
+def _latest_checkpoint(run_dir: Path) -> dict:
+    from sagan.checkpoint import load_checkpoint
+
+    ckpts = sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))
+    assert ckpts, f"no checkpoints under {run_dir}"
+    states = [load_checkpoint(p) for p in ckpts]
+    return max(states, key=lambda s: s["step"])
+
+
+def test_job_trains_logs_and_registers(local_stack, stack_shards, inception_weights, tmp_path):
+    storage = tmp_path / "runs"
+    proc = _submit(local_stack, [
+        "--config", "configs/quickstart.yaml", *TINY, f"data.path={stack_shards}",
+        "train.steps=12", "train.log_every=3", "train.ckpt_every=6", "train.sample_every=6",
+        f"train.storage_path={storage}", "train.run_name=e2e",
+        "tracking.registered_model=e2e-gen", "eval.eval_every=12", "eval.num_samples=20",
+        "eval.real_samples=20", "eval.batch_size=10", "eval.metrics=[fid, kid]",
+        f"eval.inception_weights={inception_weights}", f"eval.cache_dir={tmp_path / 'fid'}"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "done: step 12/12" in out
+
+    (run,) = _runs(local_stack, "e2e")
+    client = _client(local_stack)
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "12"
+    assert run.data.params["model.g_attention"] == "[16]"
+    assert run.data.params["data.path"] == stack_shards
+    assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == [3, 6, 9, 12]
+    for key in ("loss_g", "d_real", "d_fake", "gamma.g_attn16", "gamma.d_attn16", "img_per_s",
+                "skipped_samples"):
+        assert len(client.get_metric_history(run_id, key)) == 4, key
+    fid = client.get_metric_history(run_id, "fid")
+    assert [m.step for m in fid] == [12] and fid[0].value > 0
+    assert len(client.get_metric_history(run_id, "kid")) == 1
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "samples"} <= artifacts
+    samples = sorted(a.path for a in client.list_artifacts(run_id, "samples"))
+    assert samples == ["samples/step_0000006.png", "samples/step_0000012.png"]
+
+    version = client.get_model_version_by_alias("e2e-gen", "champion")  # first FID -> champion
+    assert version.run_id == run_id and float(version.tags["fid"]) == pytest.approx(fid[0].value,
+                                                                                     rel=1e-4)
+    assert version.tags["step"] == "12"
+
+    # A fresh process loads the registered model through MLflow and samples from it.
+    code = ("import mlflow, torch; m = mlflow.pytorch.load_model('models:/e2e-gen@champion'); "
+            "x = m(torch.randn(4, 32), torch.arange(4)); "
+            "print(tuple(x.shape), float(x.min()) >= -1, float(x.max()) <= 1)")
+    fresh = subprocess.run([sys.executable, "-c", code], env=local_stack.environ(),
+                           capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert fresh.stdout.strip().splitlines()[-1] == "(4, 1, 32, 32) True True"
+    assert client.get_model_version_by_alias("e2e-gen", "latest").version == version.version
+
+    # The weights MLflow holds are exactly the EMA weights of the last checkpoint.
+    import mlflow
+
+    mlflow.set_tracking_uri(local_stack.mlflow_uri)
+    local = Path(mlflow.artifacts.download_artifacts("models:/e2e-gen@latest",
+                                                     dst_path=str(tmp_path / "model")))
+    logged = torch.load(next(local.rglob("sagan_generator.pt")), weights_only=True)
+    ckpt = _latest_checkpoint(storage / "e2e")
+    assert ckpt["step"] == 12
+    ema = {k[len("module."):]: v for k, v in ckpt["G_ema"].items() if k.startswith("module.")}
+    assert logged.keys() == ema.keys()
+    for k in ema:
+        assert torch.equal(logged[k], ema[k]), k
+
+
+def test_stopped_job_resumes_to_exact_step_count(local_stack, stack_shards, tmp_path):
+    storage = tmp_path / "runs"
+    args = ["--config", "configs/quickstart.yaml", *TINY, f"data.path={stack_shards}",
+            "train.steps=150", "train.log_every=10", "train.ckpt_every=10",
+            "train.sample_every=0", f"train.storage_path={storage}",
+            "train.run_name=e2e-resume", "tracking.registered_model=e2e-resume-gen"]
+    proc = _submit(local_stack, args, wait=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = next(line.split("'")[1] for line in (proc.stdout + proc.stderr).splitlines()
+                  if "submitted successfully" in line and "'" in line)
+    deadline = time.time() + 300
+    while not list((storage / "e2e-resume").glob("checkpoint_*/checkpoint.pt")):
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "stop",
+                    "--address", local_stack.ray_address, job_id], env=local_stack.environ(),
+                   capture_output=True, text=True, timeout=120, check=True)
+    stopped_at = _latest_checkpoint(storage / "e2e-resume")["step"]
+    assert 10 <= stopped_at < 150
+
+    again = _submit(local_stack, args)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-4000:]
+    assert "resumed from" in out and "done: step 150/150" in out
+    assert _latest_checkpoint(storage / "e2e-resume")["step"] == 150
+
+    runs = _runs(local_stack, "e2e-resume")
+    assert len(runs) == 1  # one MLflow run across the restart
+    steps = [m.step for m in _client(local_stack).get_metric_history(runs[0].info.run_id,
+                                                                     "loss_d")]
+    assert steps == list(range(10, 151, 10))  # one continuous history, no duplicates
+
+
+def test_preflight_errors_are_clear_and_early(local_stack, stack_shards):
+    env = local_stack.environ()
+
+    def run(*args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "pipelines/train.py", *args],
+                              env={**env, **(extra_env or {})}, capture_output=True, text=True,
+                              timeout=300, cwd=ROOT)
+
+    bad_cfg = run("model.g_attention=[64]")
+    assert bad_cfg.returncode == 2
+    assert bad_cfg.stderr.strip().splitlines()[-1].startswith(
+        "error: config field 'model.g_attention'")
+
+    no_mlflow = run(*TINY, f"data.path={stack_shards}", "--tracking-uri",
+                    "http://127.0.0.1:9")
+    assert no_mlflow.returncode == 2
+    assert "MLflow tracking server http://127.0.0.1:9 is unreachable" in no_mlflow.stderr
+
+    missing = run(*TINY, f"data.path=s3://{local_stack.bucket}/no-such-prefix")
+    assert missing.returncode == 2
+    last = missing.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.path 's3://") and "no-such-prefix" in last
+
+    too_many = run(*TINY, f"data.path={stack_shards}", "--workers", "16",
+                   "train.batch_size=64", "--run-name", "too-many")
+    assert too_many.returncode == 2
+    assert "train.workers=16" in too_many.stderr and "free" in too_many.stderr
+    assert not _runs(local_stack, "too-many")  # nothing was created in MLflow
