@@ -1,0 +1,150 @@
+"""MLflow side of a sweep: the parent run, the end-of-sweep summary and `sweep-best` model.
+
+The summary is computed from Tune's own ResultGrid (steps reached, last metric, early stop), so
+the table in MLflow agrees with what Tune decided.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines.tracking import RUN_NAME_TAG, _experiment_id, log_generator
+from sagan.config import flatten
+
+PARENT_TAG = "sagan.sweep_parent"
+
+
+def parent_run(spec: Any, uri: str) -> str:
+    """The sweep's parent run (found again by name when a sweep is resumed)."""
+    client = MlflowClient(uri)
+    exp_id = _experiment_id(client, spec.base.tracking.experiment, uri)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{spec.name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=spec.name,
+                            tags={PARENT_TAG: spec.name, RUN_NAME_TAG: spec.name})
+    space = {k: {d: a} for k, (d, a) in spec.space.items()}
+    client.log_text(run.info.run_id, yaml.safe_dump(
+        {"search_space": space, "overrides": spec.overrides,
+         "tune": {"num_samples": spec.num_samples, "metric": spec.metric, "mode": spec.mode,
+                  "grace_period": spec.grace_period,
+                  "max_concurrent_trials": spec.max_concurrent_trials}}, sort_keys=False),
+        "sweep.yaml")
+    for k, v in flatten(spec.base).items():
+        if k not in spec.space:
+            client.log_param(run.info.run_id, f"base.{k}", str(v)[:6000])
+    return run.info.run_id
+
+
+def summarize(spec: Any, results: Any) -> list[dict[str, Any]]:
+    """One row per trial from Tune's ResultGrid."""
+    rows = []
+    for result in results:
+        m = result.metrics or {}
+        step = int(m.get("step", 0) or 0)
+        row = {"trial_id": m.get("trial_id") or Path(result.path).name,
+               **{k: result.config.get(k) for k in spec.space},
+               spec.metric: m.get(spec.metric), "steps_reached": step,
+               "stopped_early": result.error is None and step < spec.base.train.steps,
+               "error": type(result.error).__name__ if result.error else ""}
+        rows.append(row)
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial_id"])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (yaml.safe_dump(v, default_flow_style=True).strip()
+                             if isinstance(v, list) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _plot(spec: Any, results: Any, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for result in results:
+        df = result.metrics_dataframe
+        if df is None or spec.metric not in df or "step" not in df:
+            continue
+        df = df.dropna(subset=[spec.metric])
+        label = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        ax.plot(df["step"], df[spec.metric], marker="o", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(spec.metric.upper())
+    ax.set_title(f"sweep {spec.name}: {spec.metric} vs step per trial")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _checkpoint_state(result: Any) -> dict | None:
+    from ray.train import Checkpoint
+
+    from pipelines.train_loop import CHECKPOINT_FILE
+    from sagan.checkpoint import load_checkpoint
+
+    ckpt = result.checkpoint
+    if ckpt is None and (result.metrics or {}).get("checkpoint_path"):
+        ckpt = Checkpoint(path=result.metrics["checkpoint_path"])
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+
+
+def finish_sweep(spec: Any, results: Any, uri: str, parent: str) -> dict[str, Any]:
+    """Log the summary table + plot to the parent run; register the best trial's EMA generator
+    with alias `sweep-best` (and `champion` when it beats the current champion)."""
+    client = MlflowClient(uri)
+    rows = summarize(spec, results)
+    client.log_text(parent, _table(rows), "sweep_summary.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = Path(tmp) / f"{spec.metric}_vs_step.png"
+        _plot(spec, results, plot)
+        client.log_artifact(parent, str(plot))
+    scored = [(r[spec.metric], r, res) for r, res in zip(rows, results, strict=True)
+              if r[spec.metric] is not None and r[spec.metric] == r[spec.metric]]
+    summary: dict[str, Any] = {"trials": rows, "best_trial": None, "best_value": None,
+                               "version": None, "parent_run_id": parent}
+    if not scored:
+        client.set_terminated(parent, "FAILED")
+        return summary
+    sign = 1 if spec.mode == "min" else -1
+    value, row, result = min(scored, key=lambda s: sign * s[0])
+    summary.update(best_trial=row["trial_id"], best_value=value)
+    state = _checkpoint_state(result)
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        filter_string=f"tags.`sagan.trial_id` = '{row['trial_id']}' and "
+                      f"tags.`sagan.sweep` = '{spec.name}'", max_results=1)
+    if state is not None and runs:
+        from sagan.checkpoint import checkpoint_config
+
+        cfg = checkpoint_config(state)
+        ema = {k[len("module."):]: v for k, v in state["G_ema"].items()
+               if k.startswith("module.")}
+        summary["version"] = log_generator(
+            uri, runs[0].info.run_id, ema, cfg.model, spec.base.tracking.registered_model,
+            fid=float(value) if spec.metric == "fid" else None, step=int(state["step"]),
+            aliases=("sweep-best",))
+        summary["best_run_id"] = runs[0].info.run_id
+    client.set_tag(parent, "sagan.best_trial", str(row["trial_id"]))
+    client.log_metric(parent, f"best_{spec.metric}", float(value))
+    client.set_terminated(parent, "FINISHED")
+    return summary
