@@ -1,8 +1,11 @@
 """SAGAN building blocks: spectrally normalised layers, self-attention, conditional batch norm.
 
-Spectral norm is torch's own parametrization (`nn.utils.parametrizations.spectral_norm`, one power
+Spectral norm is torch's own parametrization (`nn.utils.parametrizations._SpectralNorm`, one power
 iteration per training-mode forward), applied to every conv/linear/embedding in G and D as in the
-official SAGAN code (G's first linear and last conv included; see README "Model").
+official SAGAN code (G's first linear and last conv included; see README "Model"). It is used
+through `FusedSpectralNorm`, a subclass with the same state and forward values but a fused
+backward and fp32 sigma; convs are `SNConv2d`, which can run channels_last (`set_channels_last`).
+Why and how much: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -10,16 +13,143 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 SN_EPS = 1e-6
+
+
+def _div_into(t: torch.Tensor, s: torch.Tensor,
+              memory_format: torch.memory_format) -> torch.Tensor:
+    """`t / s` written straight into `memory_format` (one pass, no layout copy afterwards).
+    Under torch.compile the functional form is used: `out=` with a layout differing from the
+    inputs' does not survive functionalization, and Inductor fuses the copy anyway."""
+    if torch.compiler.is_compiling():
+        return (t / s).contiguous(memory_format=memory_format)
+    return torch.div(t, s, out=torch.empty_like(t, memory_format=memory_format))
+
+
+class _DivideBySigma(torch.autograd.Function):
+    """`weight / sigma` with `sigma = u . (W v)` (u, v constants), with a hand-fused backward.
+
+    Why: autograd's backward through `weight / vdot(u, mv(W, v))` makes about ten full passes
+    over every weight (DivBackward's grad/sigma, -grad*W/sigma^2, neg, sum, then MvBackward's
+    outer product and the accumulation). Spectral norm runs on every conv/linear/embedding of G
+    and D, so on CPU those passes cost ~10% of a SAGAN step. The closed form
+    dW = G/sigma - (<G, W>/sigma^2) u v^T needs one scaled copy, one dot product and one
+    in-place rank-1 update, and no host sync (every scalar stays a tensor).
+
+    `memory_format` is the layout of the normalised weight handed to the conv (see
+    `SNConv2d`); the parameter itself and its gradient stay contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                memory_format: torch.memory_format) -> torch.Tensor:
+        sigma = torch.vdot(u, torch.mv(weight.flatten(1), v))  # same ops as torch's forward
+        ctx.save_for_backward(weight, u, v, sigma)
+        return _div_into(weight, sigma, memory_format)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        weight, u, v, sigma = ctx.saved_tensors
+        w = weight.contiguous()
+        out = _div_into(grad, sigma, torch.contiguous_format)  # G / sigma, contiguous
+        coef = torch.dot(out.reshape(-1), w.reshape(-1)) / sigma  # <G, W> / sigma^2
+        out.reshape(out.shape[0], -1).addr_(u, v * coef, alpha=-1.0)  # in place, via a view
+        return out, None, None, None
+
+
+class FusedSpectralNorm(_SpectralNorm):
+    """torch's spectral-norm parametrization (same buffers `_u`/`_v`, same power iteration, same
+    state-dict keys, same forward values) with three performance changes:
+
+    - the backward of `W / sigma` is the fused closed form of `_DivideBySigma`;
+    - sigma and the power iteration always run in fp32, autocast disabled: under bf16 autocast
+      torch's version would run `mv` in bf16 (~3 significant digits), a noisy sigma that then
+      scales every weight of the network;
+    - conv weights can be emitted channels_last (`memory_format`) while the parameter stays
+      contiguous, so convs run channels_last without the optimizer, EMA and the power
+      iteration paying a layout copy of every weight on every step.
+    """
+
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.ndim == 1 or self.dim != 0:
+            return super().forward(weight)
+        fmt = self.memory_format if weight.ndim == 4 else torch.contiguous_format
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            weight_mat = weight.flatten(1)
+            if self.training:
+                self._power_method(weight_mat, self.n_power_iterations)
+            # clone: a later forward's in-place power iteration must not change saved u, v
+            u = self._u.clone(memory_format=torch.contiguous_format)
+            v = self._v.clone(memory_format=torch.contiguous_format)
+            if torch.is_grad_enabled() and weight.requires_grad:
+                return _DivideBySigma.apply(weight, u, v, fmt)
+            return _div_into(weight, torch.vdot(u, torch.mv(weight_mat, v)), fmt)
+
+
+# On CPU, feature maps of at most this many positions (4x4) run NCHW even with channels_last on:
+# there oneDNN's NCHW kernels are ~1.6x faster than its channels_last ones for the 512/1024-channel
+# 3x3 convs of D's last block; from 8x8 up channels_last wins (docs/PERFORMANCE.md). Not applied
+# on GPU, where this was not measured and cuDNN's bf16 kernels prefer channels_last throughout.
+SMALL_MAP_POSITIONS = 16
+
+
+class SNConv2d(nn.Conv2d):
+    """Conv2d that, with `channels_last` on, runs in the memory format fastest for the size of
+    the map it is given: channels_last, except NCHW for CPU maps of at most
+    `SMALL_MAP_POSITIONS` positions.
+    It sets the layout of both operands (input, and the normalised weight that its
+    `FusedSpectralNorm` emits), because a conv runs channels_last when *either* is. Off (the
+    default), it is a plain Conv2d."""
+
+    channels_last: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            small = x.device.type == "cpu" and x.shape[-2] * x.shape[-1] <= SMALL_MAP_POSITIONS
+            fmt = torch.contiguous_format if small else torch.channels_last
+            if parametrize.is_parametrized(self, "weight"):
+                for p in self.parametrizations.weight:
+                    if isinstance(p, FusedSpectralNorm):
+                        p.memory_format = fmt
+            x = x.contiguous(memory_format=fmt)
+        return super().forward(x)
+
+
+def set_channels_last(module: nn.Module, enabled: bool = True) -> None:
+    """Run every `SNConv2d` of `module` channels_last (except on tiny maps, see `SNConv2d`).
+
+    Only the *normalised* weights and the activations change layout; parameters, gradients and
+    optimizer state stay contiguous, so neither the power iteration, nor Adam, nor the EMA pays
+    a layout copy of every weight on every step (they would if the parameters were converted
+    with `module.to(memory_format=torch.channels_last)`)."""
+    for m in module.modules():
+        if isinstance(m, SNConv2d):
+            m.channels_last = enabled
+        elif isinstance(m, FusedSpectralNorm) and not enabled:
+            m.memory_format = torch.contiguous_format
+
+
+def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1,
+                  eps: float = SN_EPS) -> nn.Module:
+    """Register `FusedSpectralNorm` on `module.<name>` (drop-in for torch's `spectral_norm`:
+    same init, same RNG draws, same state-dict keys, so checkpoints load either way)."""
+    weight = getattr(module, name)
+    parametrize.register_parametrization(
+        module, name, FusedSpectralNorm(weight, n_power_iterations, 0, eps))
+    return module
 
 
 def sn_conv2d(in_ch: int, out_ch: int, kernel_size: int = 3, padding: int | None = None,
               bias: bool = True) -> nn.Conv2d:
     """Spectrally normalised Conv2d ('same' padding by default)."""
     pad = kernel_size // 2 if padding is None else padding
-    conv = nn.Conv2d(in_ch, out_ch, kernel_size, padding=pad, bias=bias)
+    conv = SNConv2d(in_ch, out_ch, kernel_size, padding=pad, bias=bias)
     nn.init.xavier_uniform_(conv.weight)
     if bias:
         nn.init.zeros_(conv.bias)
@@ -78,7 +208,8 @@ class ConditionalBatchNorm2d(nn.Module):
                              f"(num_classes={self.num_classes})")
         g = 1.0 + self.gain(y)
         b = self.bias(y)
-        return h * g[:, :, None, None] + b[:, :, None, None]
+        # one fused pass (b + h * g) instead of a multiply and an add over the feature map
+        return torch.addcmul(b[:, :, None, None], h, g[:, :, None, None])
 
 
 class SelfAttention(nn.Module):
@@ -95,6 +226,7 @@ class SelfAttention(nn.Module):
     never materialised unless `return_attention=True`. q and k are zero-padded to the value width
     (`pad_qk`): q.k^T is unchanged, and SDPA can then pick its fused (flash / memory-efficient)
     kernels, which require equal head dims; without it CPU SDPA falls back to the math kernel.
+    The fused kernels also need unit stride in the head dim, which `_heads` guarantees.
     """
 
     def __init__(self, channels: int, heads: int = 1, pooled: bool = True,
@@ -117,9 +249,17 @@ class SelfAttention(nn.Module):
                                   requires_grad=gamma_learnable)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, C', H, W) -> (B, heads, H*W, C'/heads)."""
-        b, c, h, w = t.shape
-        return t.reshape(b, self.heads, c // self.heads, h * w).transpose(2, 3)
+        """(B, C', H, W) -> (B, heads, H*W, C'/heads) with unit stride in the last dim.
+
+        flatten(2).transpose(1, 2) is the (B, N, C') token matrix; for a channels_last map it is
+        already contiguous (no copy), for an NCHW map one small copy makes it so."""
+        b, c = t.shape[:2]
+        tokens = t.flatten(2).transpose(1, 2)  # (B, N, C')
+        if tokens.stride(-1) != 1:
+            # NCHW input: SDPA's fused kernels need unit stride in the head dim, else it silently
+            # takes the math kernel and materialises the N x M map after all
+            tokens = tokens.contiguous()
+        return tokens.reshape(b, -1, self.heads, c // self.heads).transpose(1, 2)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head queries (B,h,N,dq), keys (B,h,M,dq), values (B,h,M,dv)."""
@@ -141,6 +281,11 @@ class SelfAttention(nn.Module):
                 q = F.pad(q, (0, dv - dq))
                 k = F.pad(k, (0, dv - dq))
             o = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-        o = o.transpose(2, 3).reshape(b, self.v_dim, h, w)
-        out = x + self.gamma * self.out(o)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # (B, heads, N, dv) -> (B, H, W, C') viewed as channels_last NCHW: no copy when SDPA
+            # wrote its output token-major, and the 1x1 conv below stays channels_last
+            o = o.transpose(1, 2).reshape(b, h, w, self.v_dim).permute(0, 3, 1, 2)
+        else:
+            o = o.transpose(2, 3).reshape(b, self.v_dim, h, w)
+        out = torch.addcmul(x, self.gamma, self.out(o))  # x + gamma * o in one pass
         return (out, maps) if return_attention else out

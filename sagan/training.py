@@ -8,13 +8,29 @@ Works in one process and under DDP (ARCHITECTURE.md §4):
 - G's BatchNorm running statistics are averaged over ranks after every G step, so G, D and the EMA
   copy (parameters *and* buffers) stay bit-identical across ranks;
 - the same seed builds the same init on every rank; noise comes from a per-rank torch.Generator.
+
+Performance (docs/PERFORMANCE.md has the numbers):
+- one host sync per `train_step`, not one per loss: with fused Adam, a non-finite loss skips its
+  optimizer update on the device (`found_inf`, the mechanism GradScaler uses), and all the
+  finiteness flags of the step are read back together at its end;
+- the EMA update is two foreach kernels and needs no host sync (AveragedModel's own update reads
+  its `n_averaged` counter back from the device twice per call);
+- `train.channels_last` runs the convs channels_last (NCHW on 4x4 maps, where that is faster) by
+  giving activations and the spectrally normalised weights that layout, while parameters stay
+  contiguous (`sagan.layers.set_channels_last`);
+- `train.compile` wraps G and D in `torch.compile`; the first step at each new batch shape is
+  guarded, and any failure there (compile errors surface at the first call or the first
+  backward, not at `torch.compile()`) restores the pre-step state and re-runs the step eagerly,
+  with one warning.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,11 +39,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sagan.config import Config
-from sagan.layers import refresh_spectral_norm
+from sagan.layers import refresh_spectral_norm, set_channels_last
 from sagan.losses import get_losses
 from sagan.models import Discriminator, Generator, attention_layers
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
+
+# Keyword arguments for torch.compile (train.compile=true); tests swap the backend to exercise
+# the eager fallback deterministically.
+COMPILE_OPTIONS: dict[str, Any] = {}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,6 +56,7 @@ class NonFiniteLossError(RuntimeError):
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The plain module under DDP / torch.compile wrappers."""
+    module = getattr(module, "_orig_mod", module)
     module = getattr(module, "module", module)
     return getattr(module, "_orig_mod", module)
 
@@ -44,8 +65,12 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _adam(params, lr: float, betas: tuple[float, float], device: torch.device):
-    """Adam with the fused kernel where torch has one for this device (CUDA, CPU), else foreach."""
+def _adam(params, lr: float, betas: tuple[float, float],
+          device: torch.device) -> torch.optim.Adam:
+    """Adam with the fused kernel where torch has one for this device (CUDA, CPU), else foreach.
+
+    Fused matters twice: one kernel per parameter group instead of ~10 elementwise passes, and
+    `found_inf` support, which lets a non-finite loss skip the update without a host sync."""
     params = [p for p in params if p.requires_grad]
     try:
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
@@ -53,12 +78,40 @@ def _adam(params, lr: float, betas: tuple[float, float], device: torch.device):
         return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
 
 
+class _Replay:
+    """Iterator wrapper that records what it hands out, so a failed step can be re-run on the
+    same batches (the compile fallback)."""
+
+    def __init__(self, source: Iterator[Batch]):
+        self.source: Iterator[Batch] = source
+        self.taken: list[Batch] = []
+
+    def __iter__(self) -> _Replay:
+        return self
+
+    def __next__(self) -> Batch:
+        item = next(self.source)
+        self.taken.append(item)
+        return item
+
+    def rewind(self) -> Iterator[Batch]:
+        """The batches handed out so far, then (still recording) the rest of the source."""
+        yield from list(self.taken)
+        while True:
+            try:
+                item = next(self)
+            except StopIteration:
+                return
+            yield item
+
+
 class GANTrainer:
     """Owns G, D, the EMA generator, both optimizers, the noise RNG and the step counter.
 
     `train_step(batches)` pulls `ndis` real batches from the iterator, runs ndis D steps and one G
-    step, updates the EMA, and returns a dict of *detached tensors* (no host sync inside the step;
-    call `to_floats` at log time).
+    step, updates the EMA, and returns a dict of *detached tensors*. The only host sync inside is
+    the finiteness check of the step's losses (one per `train_step`; see `_resolve_flags`); call
+    `to_floats` at log time.
     """
 
     def __init__(self, cfg: Config, device: torch.device | str = "cpu", rank: int = 0,
@@ -67,32 +120,40 @@ class GANTrainer:
         self.device = torch.device(device)
         self.rank = rank
         self.distributed = _distributed() if distributed is None else distributed
+        if self.device.type == "cuda":
+            # fixed shapes every step: let cuDNN pick the fastest conv algorithms once
+            torch.backends.cudnn.benchmark = True
         torch.manual_seed(self.t.seed)  # identical initial weights on every rank
         G, D = Generator(cfg.model).to(self.device), Discriminator(cfg.model).to(self.device)
         self.memory_format = (torch.channels_last if self.t.channels_last
                               else torch.contiguous_format)
-        G, D = G.to(memory_format=self.memory_format), D.to(memory_format=self.memory_format)
+        set_channels_last(G, self.t.channels_last)
+        set_channels_last(D, self.t.channels_last)
         self.G_raw, self.D_raw = G, D
         self.ema = AveragedModel(G, multi_avg_fn=get_ema_multi_avg_fn(self.t.ema_decay),
                                  use_buffers=False)
         self.ema.requires_grad_(False)
+        self._ema_count = 0  # host mirror of ema.n_averaged (reading it back would sync)
         betas = (self.t.beta1, self.t.beta2)
         self.opt_g = _adam(G.parameters(), self.t.lr_g, betas, self.device)
         self.opt_d = _adam(D.parameters(), self.t.lr_d, betas, self.device)
+        # device-side skip of non-finite updates needs fused Adam's found_inf; else sync per loss
+        self._deferred_check = all(opt.defaults.get("fused") for opt in (self.opt_g, self.opt_d))
         if self.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             G = DDP(G, device_ids=ids)
             D = DDP(D, device_ids=ids)
-        if self.t.compile:
-            G, D = _maybe_compile(G), _maybe_compile(D)
-        self.G, self.D = G, D
+        self._G_wrapped, self._D_wrapped = G, D
+        self._compile_pending: set[int] | None = None  # batch sizes run compiled; None: eager
+        self._set_modules(compiled=self.t.compile)
         self.d_loss_fn, self.g_loss_fn = get_losses(self.t.loss)
         self.noise = torch.Generator(device=self.device)
         self.noise.manual_seed(self.t.seed * 1_000_003 + 7919 * (rank + 1))
         self.step = 0
         self.skipped_steps = 0
-        self._d_trainable = [p for p in D.parameters() if p.requires_grad]
+        self._d_trainable = [p for p in self.D_raw.parameters() if p.requires_grad]
         self._attn = attention_layers(self.G_raw, self.D_raw)
+        self._flags: list[tuple[str, torch.Tensor]] | None = None  # pending finiteness flags
         amp = self.t.amp
         self.amp = amp == "bf16" or (amp == "auto" and self.device.type == "cuda")
 
@@ -105,25 +166,67 @@ class GANTrainer:
     def _sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.G_raw.sample_inputs(n, generator=self.noise, device=self.device)
 
-    def _finite_or_handle(self, loss: torch.Tensor, name: str) -> bool:
-        """True if `loss` is finite on every rank. One collective, so all ranks agree and none
-        hangs in a backward the others skipped. This scalar sync is deliberate: a NaN that
-        reaches Adam's moments poisons the weights for good."""
+    def _finite_flag(self, loss: torch.Tensor) -> torch.Tensor:
+        """1.0 if `loss` is finite on every rank, else 0.0, as a device tensor (no host sync).
+        The MIN all-reduce makes all ranks agree, so none skips an update the others apply."""
         ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
         if self.distributed:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if bool(ok.item()):
-            return True
+        return ok
+
+    def _handle_nonfinite(self, name: str) -> None:
         if self.t.nan_policy == "stop":
             raise NonFiniteLossError(
                 f"non-finite {name} at step {self.step + 1}: stopping (train.nan_policy=stop); "
                 "the last saved checkpoint is intact — lower the learning rates or set "
                 "train.nan_policy=skip")
         self.skipped_steps += 1
+
+    def _finite_or_handle(self, loss: torch.Tensor, name: str) -> bool:
+        """True if `loss` is finite on every rank (immediate host sync). Used only when the
+        optimizers are not fused (no device-side skip); a NaN that reaches Adam's moments
+        poisons the weights for good, so the update must not run."""
+        if bool(self._finite_flag(loss).item()):
+            return True
+        self._handle_nonfinite(name)
         return False
 
+    def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor, name: str) -> None:
+        """zero_grad, backward, optimizer step — skipped on the device if `loss` is not finite.
+
+        Deferred mode: the flag is computed now and read back later (`_resolve_flags`), while
+        fused Adam's `found_inf` leaves parameters, moments and step count untouched for a bad
+        loss. Every rank runs the same backward either way, so DDP never hangs."""
+        if not self._deferred_check:
+            if self._finite_or_handle(loss, name):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return
+        ok = self._finite_flag(loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.found_inf = (1.0 - ok).reshape(())
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+        if self._flags is not None:
+            self._flags.append((name, ok))
+        else:  # d_step/g_step called on their own: resolve now
+            self._resolve_flags([(name, ok)])
+
+    def _resolve_flags(self, flags: list[tuple[str, torch.Tensor]]) -> None:
+        """The step's one host sync: read all finiteness flags at once, then raise or count."""
+        if not flags:
+            return
+        values = torch.cat([ok for _, ok in flags]).tolist()
+        for (name, _), ok in zip(flags, values, strict=True):
+            if ok < 1.0:
+                self._handle_nonfinite(name)
+
     def _to_device(self, x: torch.Tensor, y: torch.Tensor | None) -> Batch:
-        x = x.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         if y is not None:
             y = y.to(self.device, non_blocking=True)
         if self.cfg.model.num_classes > 0 and y is None:
@@ -137,8 +240,8 @@ class GANTrainer:
         b = real.shape[0]
         with torch.no_grad(), self.autocast():
             z, y_fake = self._sample(b)
-            fake = self.G_raw(z, y_fake).to(memory_format=self.memory_format)
-        x = torch.cat([real, fake.to(real.dtype)])
+            fake = self._G_sample(z, y_fake)
+        x = torch.cat([real, fake.to(real.dtype)]).contiguous(memory_format=self.memory_format)
         y = torch.cat([y_real, y_fake]) if y_real is not None else None
         with self.autocast():
             logits = self.D(x, y).float()
@@ -146,11 +249,7 @@ class GANTrainer:
         loss = self.d_loss_fn(d_real, d_fake)
         out = {"loss_d": loss.detach(), "d_real": d_real.detach().mean(),
                "d_fake": d_fake.detach().mean()}
-        if not self._finite_or_handle(loss, "loss_d"):
-            return out
-        self.opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt_d.step()
+        self._update(self.opt_d, loss, "loss_d")
         return out
 
     def g_step(self, batch_size: int) -> dict[str, torch.Tensor]:
@@ -161,12 +260,10 @@ class GANTrainer:
             z, y = self._sample(batch_size)
             with self.autocast():
                 fake = self.G(z, y)
-                logits = self.D_raw(fake.to(memory_format=self.memory_format), y).float()
+                logits = self._D_frozen(fake.contiguous(memory_format=self.memory_format),
+                                        y).float()
             loss = self.g_loss_fn(logits)
-            if self._finite_or_handle(loss, "loss_g"):
-                self.opt_g.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt_g.step()
+            self._update(self.opt_g, loss, "loss_g")
         finally:
             for p in self._d_trainable:
                 p.requires_grad_(True)
@@ -176,17 +273,69 @@ class GANTrainer:
 
     def train_step(self, batches: Iterator[Batch]) -> dict[str, torch.Tensor]:
         """ndis D steps (each on the next real batch) then one G step; returns detached tensors."""
+        if self._compile_pending is None:
+            return self._train_step(batches)
+        return self._guarded_train_step(batches)
+
+    def _train_step(self, batches: Iterator[Batch]) -> dict[str, torch.Tensor]:
         d_metrics: dict[str, torch.Tensor] = {}
         batch_size = 0
-        for _ in range(self.t.ndis):
-            x, y = next(batches)
-            batch_size = x.shape[0]
-            d_metrics = self.d_step(x, y)
-        metrics = {**d_metrics, **self.g_step(batch_size)}
+        self._flags = []
+        try:
+            for _ in range(self.t.ndis):
+                x, y = next(batches)
+                batch_size = x.shape[0]
+                d_metrics = self.d_step(x, y)
+            metrics = {**d_metrics, **self.g_step(batch_size)}
+            flags = self._flags
+        finally:
+            self._flags = None
+        self._resolve_flags(flags)
         for name, layer in self._attn.items():
             metrics[f"gamma/{name}"] = layer.gamma.detach()[0]
         self.step += 1
         return metrics
+
+    # ------------------------------------------------------------------ torch.compile fallback
+    def _guarded_train_step(self, batches: Iterator[Batch]) -> dict[str, torch.Tensor]:
+        """A compiled step. The first one at each batch size (where Dynamo/Inductor compile: at
+        the forward and, lazily, at the backward) runs from a snapshot of the whole trainer
+        state; if it fails, the state is restored and the step re-run eagerly on the same
+        batches, and the trainer stays eager from then on (one warning)."""
+        replay = _Replay(batches)
+        size = int(next(replay)[0].shape[0])
+        if size in self._compile_pending:
+            return self._train_step(replay.rewind())
+        snapshot = _host_copy(self.state_dict())  # host RAM: no extra device memory
+        try:
+            metrics = self._train_step(replay.rewind())
+        except (NonFiniteLossError, StopIteration):
+            raise  # genuine outcomes of the step, not compile failures
+        except Exception as exc:  # noqa: BLE001 - any failure of the compiled path
+            self.load_state_dict(snapshot)
+            for opt in (self.opt_g, self.opt_d):
+                opt.zero_grad(set_to_none=True)
+            self._set_modules(compiled=False)
+            metrics = self._train_step(replay.rewind())  # a real bug fails here too, and raises
+            warnings.warn(f"train.compile: the compiled step failed ({_describe(exc)}); "
+                          "continuing in eager mode", RuntimeWarning, stacklevel=3)
+            return metrics
+        self._compile_pending.add(size)
+        return metrics
+
+    def _set_modules(self, compiled: bool) -> None:
+        """Point the step at compiled or eager modules: G/D (DDP-wrapped when distributed) for
+        the updates, plain G for sampling fakes in the D step, plain D for the G step."""
+        G, D = self._G_wrapped, self._D_wrapped
+        G_sample, D_frozen = self.G_raw, self.D_raw
+        if compiled:
+            G, D = _compile(G), _compile(D)
+            G_sample = _compile(self.G_raw) if self.distributed else G
+            D_frozen = _compile(self.D_raw) if self.distributed else D
+            self._compile_pending = set()
+        else:
+            self._compile_pending = None
+        self.G, self.D, self._G_sample, self._D_frozen = G, D, G_sample, D_frozen
 
     # ------------------------------------------------------------------ EMA / buffers
     def _sync_bn_stats(self) -> None:
@@ -207,13 +356,23 @@ class GANTrainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        """EMA of G's parameters (swa_utils); buffers (BN stats, SN u/v) copied from G, as in
-        StudioGAN. Before `ema_start` the EMA simply tracks G (n_averaged reset => copy)."""
-        if self.step < self.t.ema_start:
-            self.ema.n_averaged.zero_()
-        self.ema.update_parameters(self.G_raw)
-        for b_ema, b in zip(self.ema.module.buffers(), self.G_raw.buffers(), strict=True):
-            b_ema.copy_(b)
+        """EMA of G's parameters; buffers (BN stats, SN u/v) copied from G, as in StudioGAN.
+        Before `ema_start` the EMA simply tracks G (a copy).
+
+        Same arithmetic as `AveragedModel.update_parameters` with the EMA multi_avg_fn (copy,
+        or `_foreach_lerp_(ema, G, 1 - decay)`; `n_averaged += 1`), but the copy/average choice
+        is made from a host-side counter, so no device->host read happens here."""
+        ema_params = list(self.ema.module.parameters())
+        g_params = [p.detach() for p in self.G_raw.parameters()]
+        if self.step < self.t.ema_start or self._ema_count == 0:
+            torch._foreach_copy_(ema_params, g_params)
+            self.ema.n_averaged.fill_(1)
+            self._ema_count = 1
+        else:
+            torch._foreach_lerp_(ema_params, g_params, 1.0 - self.t.ema_decay)
+            self.ema.n_averaged += 1
+            self._ema_count += 1
+        torch._foreach_copy_(list(self.ema.module.buffers()), list(self.G_raw.buffers()))
 
     def ema_generator(self, power_iterations: int = 20) -> Generator:
         """An eval-mode copy of the EMA generator for sampling/evaluation/export.
@@ -221,6 +380,7 @@ class GANTrainer:
         Its spectral-norm vectors are refreshed by extra power iterations on the *EMA* weights
         (the copied u/v were estimated for G's current weights, not the average's)."""
         G = copy.deepcopy(self.ema.module)
+        set_channels_last(G, False)
         refresh_spectral_norm(G, power_iterations)
         return G.eval()
 
@@ -244,6 +404,7 @@ class GANTrainer:
         self.G_raw.load_state_dict(state["G"])
         self.D_raw.load_state_dict(state["D"])
         self.ema.load_state_dict(state["G_ema"])
+        self._ema_count = int(self.ema.n_averaged.item())
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.step = int(state["step"])
@@ -255,15 +416,45 @@ class GANTrainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _maybe_compile(module: nn.Module) -> nn.Module:
-    """torch.compile when it works here; otherwise warn and keep eager (train.compile)."""
-    try:
-        return torch.compile(module)
-    except Exception as exc:  # noqa: BLE001 - compile support varies by platform/version
-        import warnings
+def _describe(exc: BaseException) -> str:
+    """'Type: first line' of an exception, and of its root cause when it wraps one (Dynamo's
+    BackendCompilerFailed says only "backend='inductor' raised:" on its first line)."""
+    def line(e: BaseException) -> str:
+        text = next((t for t in str(e).splitlines() if t.strip()), "")
+        return f"{type(e).__name__}: {text[:200]}"
 
+    root, seen = exc, {id(exc)}
+    while True:
+        nxt = getattr(root, "inner_exception", None) or root.__cause__
+        if nxt is None or id(nxt) in seen:
+            break
+        root = nxt
+        seen.add(id(root))
+    return line(exc) if root is exc else f"{line(exc)} ... caused by {line(root)}"
+
+
+def _host_copy(obj: Any) -> Any:
+    """Deep copy of a (nested) state dict with every tensor copied to CPU memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = type(obj)((k, _host_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # module state dicts carry per-module versions
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
+    if isinstance(obj, list | tuple):
+        return type(obj)(_host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _compile(module: nn.Module) -> nn.Module:
+    """torch.compile(module); if even wrapping fails, warn and keep eager. Most failures only
+    surface at the first call or backward — `GANTrainer._guarded_train_step` handles those."""
+    try:
+        return torch.compile(module, **COMPILE_OPTIONS)
+    except Exception as exc:  # noqa: BLE001 - compile support varies by platform/version
         warnings.warn(f"train.compile: torch.compile unavailable ({exc}); running eager",
-                      stacklevel=2)
+                      RuntimeWarning, stacklevel=2)
         return module
 
 
