@@ -29,6 +29,13 @@ from sagan.config import Config, ModelConfig, flatten, to_yaml
 from sagan.layers import refresh_spectral_norm
 from sagan.models import Generator
 
+# Artifact transfers stream through the tracking server. MLflow >= 3 clients otherwise ask a
+# server with an S3 artifact store for presigned S3 URLs, which carry the *server's* access key
+# id and STS session token (X-Amz-Credential, X-Amz-Security-Token) to every client and into
+# every access log on the way (tests/test_reliability_secrets.py). An explicit setting wins.
+for _var in ("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD"):
+    os.environ.setdefault(_var, "false")
+
 RUN_NAME_TAG = "sagan.run_name"
 MODEL_STATE_FILE = "sagan_generator.pt"
 MODEL_CONFIG_FILE = "sagan_model.yaml"

@@ -31,6 +31,12 @@ class PreflightError(RuntimeError):
     """Something that would make the cluster job fail; reported before any cluster work."""
 
 
+class TrainingStopped(RuntimeError):
+    """Training ended without a usable result: a non-finite loss with train.nan_policy=stop
+    (names the step and the last good checkpoint), or a final checkpoint that does not load.
+    One line; exit code 3."""
+
+
 @dataclass
 class TrainOutcome:
     run_id: str
@@ -159,7 +165,7 @@ def run_training(cfg: Config, tracking_uri: str | None, register: bool = True,
     from ray.train.torch import TorchTrainer
 
     from pipelines.tracking import check_reachable, find_or_create_run, log_generator
-    from pipelines.train_loop import CHECKPOINT_FILE, train_loop_per_worker
+    from pipelines.train_loop import CHECKPOINT_FILE, STOPPED_KEY, train_loop_per_worker
 
     if tracking_uri:
         check_reachable(tracking_uri)
@@ -193,14 +199,30 @@ def run_training(cfg: Config, tracking_uri: str | None, register: bool = True,
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
+    stopped = result.return_value if isinstance(result.return_value, dict) else {}
+    if stopped.get(STOPPED_KEY):
+        last = (f"{result.checkpoint.path} (step {metrics.get('step')})" if result.checkpoint
+                else "none yet")
+        if tracking_uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri)
+            client.set_tag(run_id, "sagan.stopped", str(stopped[STOPPED_KEY])[:5000])
+            client.set_terminated(run_id, "FAILED")
+        raise TrainingStopped(f"{stopped[STOPPED_KEY]}; last good checkpoint: {last}")
     step = int(metrics.get("step", 0))
     version = None
     ckpt_path = result.checkpoint.path if result.checkpoint else None
     if register and tracking_uri and run_id and result.checkpoint is not None:
-        from sagan.checkpoint import load_checkpoint
+        from sagan.checkpoint import CheckpointError, load_checkpoint
 
-        with result.checkpoint.as_directory() as d:
-            state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+        try:
+            with result.checkpoint.as_directory() as d:
+                state = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+        except CheckpointError as exc:  # e.g. its upload failed without an error (RELIABILITY.md)
+            raise TrainingStopped(
+                f"the final checkpoint {result.checkpoint.path} is unusable ({exc}); re-run the "
+                "same command to redo the steps since the last good checkpoint") from None
         ema = {k[len("module."):]: v for k, v in state["G_ema"].items()
                if k.startswith("module.")}
         step = int(state["step"])
@@ -229,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PreflightError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     print(f"done: step {outcome.step}/{cfg.train.steps}; MLflow run {outcome.run_id} at {uri}")
     if outcome.model_version:
         print(f"model: models:/{cfg.tracking.registered_model}@latest "

@@ -17,11 +17,14 @@ from typing import Any
 
 import torch
 
-from sagan.checkpoint import load_checkpoint, restore_trainer, save_checkpoint
+from sagan.checkpoint import CheckpointError, load_checkpoint, restore_trainer, save_checkpoint
 from sagan.config import Config, config_from_dict
-from sagan.training import GANTrainer, to_floats
+from sagan.training import GANTrainer, NonFiniteLossError, to_floats
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Key of the dict the loop returns (rank 0's reaches the driver as `Result.return_value`) when
+# training stopped on a non-finite loss.
+STOPPED_KEY = "stopped"
 
 
 def _report_fn():
@@ -65,8 +68,51 @@ def _context() -> tuple[int, int, torch.device]:
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point run by every Ray Train worker (also called in-process by Tune trials)."""
+def _newest_loadable(ckpt: Any, checkpoint_cls: Any, device: torch.device, rank: int
+                     ) -> tuple[dict, str]:
+    """(state, path) of Ray's latest checkpoint or, when its file is missing or unreadable,
+    of the newest older sibling `checkpoint_*` directory whose file loads.
+
+    Why: pyarrow's S3 upload (Ray Train's checkpoint persistence) can lose a failed part upload
+    without raising ("Error ignored when destroying file"), so Ray may register a checkpoint
+    whose checkpoint.pt never arrived. Resuming from it would fail on every retry and every
+    re-submission; the previous checkpoint is intact, so resume from that instead. Only a file
+    that does not load is skipped: a checkpoint that loads but does not fit the model is a
+    config error and raises from `restore_trainer`."""
+    import posixpath
+
+    from pyarrow import fs as pafs
+
+    def load(c: Any) -> dict:
+        with c.as_directory() as d:
+            return load_checkpoint(Path(d) / CHECKPOINT_FILE, device)
+
+    try:
+        return load(ckpt), ckpt.path
+    except CheckpointError as exc:
+        first_error = exc
+    latest = ckpt.path.rstrip("/")
+    parent, name = posixpath.dirname(latest), posixpath.basename(latest)
+    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+    # Ray names checkpoint directories checkpoint_<timestamp>: name order is time order.
+    older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name),
+                   reverse=True)
+    for candidate in older:
+        path = posixpath.join(parent, candidate)
+        try:
+            state = load(checkpoint_cls(path=path, filesystem=ckpt.filesystem))
+        except CheckpointError:
+            continue
+        _say(f"[rank {rank}] latest checkpoint {latest} is unusable ({first_error}); "
+             f"falling back to {path}")
+        return state, path
+    raise first_error
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Entry point run by every Ray Train worker (also called in-process by Tune trials).
+    Returns None, or `{STOPPED_KEY: message, "step": n}` when a non-finite loss stopped it."""
     from sagan.data import load_manifest, train_loader
 
     cfg: Config = config_from_dict(loop_config["config"])
@@ -79,10 +125,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     ckpt = get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            restore_trainer(trainer, load_checkpoint(Path(d) / CHECKPOINT_FILE, device),
-                            where=f"checkpoint {ckpt.path}")
-        _say(f"[rank {rank}] resumed from {ckpt.path} at step {trainer.step}")
+        state, path = _newest_loadable(ckpt, Checkpoint, device, rank)
+        restore_trainer(trainer, state, where=f"checkpoint {path}")
+        _say(f"[rank {rank}] resumed from {path} at step {trainer.step}")
 
     manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
     per_rank = t.batch_size // world
@@ -100,7 +145,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     last_time, last_step = time.perf_counter(), trainer.step
     while trainer.step < t.steps:
-        metrics = trainer.train_step(batches)
+        try:
+            metrics = trainer.train_step(batches)
+        except NonFiniteLossError as exc:
+            if os.environ.get("SAGAN_TUNE_INPROCESS") == "1":
+                raise  # a Tune trial: let Tune mark it errored
+            # Not a worker failure: FailureConfig would replay the same step from the same
+            # checkpoint max_failures times and then fail with a traceback. The finiteness flag
+            # is all-reduced, so every rank stops here at the same step with no collective
+            # pending; the driver turns rank 0's return value into one clear error.
+            if rank == 0:
+                _say(f"[rank 0] {exc}")
+            return {STOPPED_KEY: str(exc), "step": trainer.step}
         step = trainer.step
         do_log = _every(step, t.log_every, t.steps)
         do_ckpt = _every(step, t.ckpt_every, t.steps)
@@ -115,7 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last_time, last_step = now, step
         stats = loader.stats
         values.update(skipped_samples=stats.skipped_samples, skipped_shards=stats.skipped_shards,
-                      skipped_steps=trainer.skipped_steps)
+                      data_retries=stats.retries, skipped_steps=trainer.skipped_steps)
         if rank == 0:
             if do_log:
                 _say(f"step {step}/{t.steps} " + " ".join(

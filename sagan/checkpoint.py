@@ -38,10 +38,25 @@ def save_checkpoint(path: str | os.PathLike, trainer: Any, extra: dict | None = 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        if not isinstance(exc, Exception):  # KeyboardInterrupt & co. stay what they are
+            raise
+        raise CheckpointError(f"checkpoint '{path}': write failed ({_os_reason(exc)}); "
+                              "any previous checkpoint at that path is unchanged") from exc
     return path
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The OS error behind a failed write (torch's zip writer reports a full disk as
+    'unexpected pos N vs M' and keeps the OSError only as the exception's context)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{seen.strerror}, errno {seen.errno}"
+        seen = seen.__cause__ or seen.__context__
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first[:200]
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
