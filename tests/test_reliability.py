@@ -177,33 +177,11 @@ def all_finite(state: dict, with_bn_stats: bool = True) -> bool:
                and (with_bn_stats or ".running_" not in name))
 
 
-@pytest.fixture(scope="module")
-def shards(local_stack) -> str:
-    """Fashion-MNIST subset (600 images, 6 shards) in the stack's S3."""
-    from sagan.datasets import prepare_dataset
-
-    env = local_stack.environ()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        url = f"s3://{local_stack.bucket}/fashion-reliability"
-        m = prepare_dataset("fashion-mnist", url, image_size=32, limit=600,
-                            samples_per_shard=100, endpoint_url=local_stack.s3_endpoint)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    assert m.total == 600
-    return url
-
-
 # --------------------------------------------------------------------------- worker loss
 
 
 @pytest.mark.slow
-def test_worker_sigkill_restarts_from_last_checkpoint(local_stack, shards, tmp_path):
+def test_worker_sigkill_restarts_from_last_checkpoint(local_stack, stack_shards, tmp_path):
     """SIGKILL one of the two Ray Train worker processes after the first checkpoint: Ray
     restarts the worker group (FailureConfig), rank 0 resumes from the last checkpoint, the run
     ends at exactly train.steps, at most one checkpoint interval of work is redone, and MLflow
@@ -211,7 +189,7 @@ def test_worker_sigkill_restarts_from_last_checkpoint(local_stack, shards, tmp_p
     steps, every = 60, 10
     storage = tmp_path / "runs"
     driver = start_driver(local_stack, [
-        "--config", "configs/quickstart.yaml", *TINY, f"data.path={shards}",
+        "--config", "configs/quickstart.yaml", *TINY, f"data.path={stack_shards}",
         f"train.steps={steps}", "train.log_every=1", f"train.ckpt_every={every}",
         f"train.storage_path={storage}", "train.run_name=rel-worker-kill", "--no-register"])
     run_dir = storage / "rel-worker-kill"
@@ -259,7 +237,7 @@ def test_worker_sigkill_restarts_from_last_checkpoint(local_stack, shards, tmp_p
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_naming_step_and_keeps_last_checkpoint(local_stack, shards,
+def test_nonfinite_loss_stops_naming_step_and_keeps_last_checkpoint(local_stack, stack_shards,
                                                                      tmp_path):
     """train.lr_g=1e30 makes G's spectrally normalised weights overflow after one update, so
     D's loss is NaN at step 2 (measured; deterministic). With nan_policy=stop the job ends at
@@ -268,7 +246,7 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_last_checkpoint(local_stack,
     FAILED with the reason."""
     storage = tmp_path / "runs"
     rc, out = run_driver(local_stack, [
-        "--config", "configs/quickstart.yaml", *TINY, f"data.path={shards}", "train.steps=6",
+        "--config", "configs/quickstart.yaml", *TINY, f"data.path={stack_shards}", "train.steps=6",
         "train.log_every=1", "train.ckpt_every=1", "train.lr_g=1e30",
         f"train.storage_path={storage}", "train.run_name=rel-nan-stop"])
     assert rc == 3, out[-4000:]
@@ -291,7 +269,7 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_last_checkpoint(local_stack,
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_skip_policy_counts_and_finishes(local_stack, shards, tmp_path):
+def test_nonfinite_loss_skip_policy_counts_and_finishes(local_stack, stack_shards, tmp_path):
     """The same divergence with train.nan_policy=skip: every update whose loss is not finite is
     dropped and counted (skipped_steps counts skipped optimizer updates, D and G separately),
     the run reaches train.steps, MLflow has the count at every logged step, and no NaN reaches
@@ -300,7 +278,7 @@ def test_nonfinite_loss_skip_policy_counts_and_finishes(local_stack, shards, tmp
     even though its updates were skipped."""
     storage = tmp_path / "runs"
     rc, out = run_driver(local_stack, [
-        "--config", "configs/quickstart.yaml", *TINY, f"data.path={shards}", "train.steps=6",
+        "--config", "configs/quickstart.yaml", *TINY, f"data.path={stack_shards}", "train.steps=6",
         "train.log_every=1", "train.ckpt_every=3", "train.lr_g=1e30", "train.nan_policy=skip",
         f"train.storage_path={storage}", "train.run_name=rel-nan-skip", "--no-register"])
     assert rc == 0, out[-4000:]
@@ -454,7 +432,7 @@ def _s3(stack):
 
 
 @pytest.mark.slow
-def test_checkpoint_upload_cut_midway_keeps_previous_checkpoint(local_stack, shards, tmp_path,
+def test_checkpoint_upload_cut_midway_keeps_previous_checkpoint(local_stack, stack_shards, tmp_path,
                                                                 upload_proxy):
     """Checkpoints go to s3:// through a proxy that resets the connection half-way through the
     second checkpoint file's upload and refuses its retries. S3 never holds a partial object; the
@@ -473,7 +451,7 @@ def test_checkpoint_upload_cut_midway_keeps_previous_checkpoint(local_stack, sha
     upload_proxy.fail_upload_after(size + size // 2, refuse_next=2)
 
     prefix = "reliability-ckpt"
-    args = ["--config", "configs/quickstart.yaml", *TINY, f"data.path={shards}",
+    args = ["--config", "configs/quickstart.yaml", *TINY, f"data.path={stack_shards}",
             f"data.endpoint_url={local_stack.s3_endpoint}",  # data reads bypass the proxy
             "train.steps=20", "train.log_every=5", "train.ckpt_every=10",
             f"train.storage_path=s3://{local_stack.bucket}/{prefix}",

@@ -4,7 +4,6 @@ in a real S3 endpoint (moto server), a real MLflow server (sqlite) — all on lo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,28 +20,6 @@ TINY = ["model.g_ch=8", "model.d_ch=8", "model.z_dim=32", "train.batch_size=16",
         "train.ema_start=4"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stack_shards(local_stack):
-    """Fashion-MNIST subset (600 images, 6 shards) written straight into the stack's S3."""
-    from sagan.datasets import prepare_dataset
-
-    env = local_stack.environ()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        url = f"s3://{local_stack.bucket}/fashion-e2e"
-        m = prepare_dataset("fashion-mnist", url, image_size=32, limit=600,
-                            samples_per_shard=100, endpoint_url=local_stack.s3_endpoint)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    assert m.total == 600 and len(m.shards) == 6
-    return url
 
 
 def _submit(stack, args: list[str], wait: bool = True, timeout: int = 600):
