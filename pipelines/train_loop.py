@@ -7,6 +7,7 @@ a checkpoint, logs to MLflow, draws samples and computes FID.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import torch
 
 from sagan.checkpoint import CheckpointError, load_checkpoint, restore_trainer, save_checkpoint
 from sagan.config import Config, config_from_dict
+from sagan.prefetch import Prefetcher
 from sagan.training import GANTrainer, NonFiniteLossError, to_floats
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -135,7 +137,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     loader = train_loader(cfg.data, per_rank, rank=rank, world_size=world,
                           batches_per_epoch=per_epoch * t.ndis, seed=t.seed + trainer.step,
                           manifest=manifest)
-    batches = _batches(loader)
+    stream = _batches(loader)
+    # batches staged ahead on the device (copy and layout change overlap the previous step)
+    staged = (Prefetcher(stream, device, depth=cfg.data.prefetch,
+                         memory_format=trainer.memory_format)
+              if cfg.data.prefetch > 0 else contextlib.nullcontext(stream))
 
     logger = None
     if rank == 0 and loop_config.get("tracking_uri") and loop_config.get("run_id"):
@@ -143,61 +149,63 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
         logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
 
-    last_time, last_step = time.perf_counter(), trainer.step
-    while trainer.step < t.steps:
-        try:
-            metrics = trainer.train_step(batches)
-        except NonFiniteLossError as exc:
-            if os.environ.get("SAGAN_TUNE_INPROCESS") == "1":
-                raise  # a Tune trial: let Tune mark it errored
-            # Not a worker failure: FailureConfig would replay the same step from the same
-            # checkpoint max_failures times and then fail with a traceback. The finiteness flag
-            # is all-reduced, so every rank stops here at the same step with no collective
-            # pending; the driver turns rank 0's return value into one clear error.
+    with staged as batches:
+        last_time, last_step = time.perf_counter(), trainer.step
+        while trainer.step < t.steps:
+            try:
+                metrics = trainer.train_step(batches)
+            except NonFiniteLossError as exc:
+                if os.environ.get("SAGAN_TUNE_INPROCESS") == "1":
+                    raise  # a Tune trial: let Tune mark it errored
+                # Not a worker failure: FailureConfig would replay the same step from the same
+                # checkpoint max_failures times and then fail with a traceback. The finiteness flag
+                # is all-reduced, so every rank stops here at the same step with no collective
+                # pending; the driver turns rank 0's return value into one clear error.
+                if rank == 0:
+                    _say(f"[rank 0] {exc}")
+                return {STOPPED_KEY: str(exc), "step": trainer.step}
+            step = trainer.step
+            do_log = _every(step, t.log_every, t.steps)
+            do_ckpt = _every(step, t.ckpt_every, t.steps)
+            do_eval = cfg.eval.eval_every > 0 and _every(step, cfg.eval.eval_every, t.steps)
+            do_sample = t.sample_every > 0 and _every(step, t.sample_every, t.steps)
+            if not (do_log or do_ckpt or do_eval or do_sample):
+                continue
+            values = to_floats(metrics)
+            now = time.perf_counter()
+            values["img_per_s"] = (step - last_step) * t.batch_size * t.ndis / max(now - last_time,
+                                                                                    1e-9)
+            last_time, last_step = now, step
+            stats = loader.stats
+            values.update(skipped_samples=stats.skipped_samples,
+                          skipped_shards=stats.skipped_shards, data_retries=stats.retries,
+                          skipped_steps=trainer.skipped_steps)
             if rank == 0:
-                _say(f"[rank 0] {exc}")
-            return {STOPPED_KEY: str(exc), "step": trainer.step}
-        step = trainer.step
-        do_log = _every(step, t.log_every, t.steps)
-        do_ckpt = _every(step, t.ckpt_every, t.steps)
-        do_eval = cfg.eval.eval_every > 0 and _every(step, cfg.eval.eval_every, t.steps)
-        do_sample = t.sample_every > 0 and _every(step, t.sample_every, t.steps)
-        if not (do_log or do_ckpt or do_eval or do_sample):
-            continue
-        values = to_floats(metrics)
-        now = time.perf_counter()
-        values["img_per_s"] = (step - last_step) * t.batch_size * t.ndis / max(now - last_time,
-                                                                                1e-9)
-        last_time, last_step = now, step
-        stats = loader.stats
-        values.update(skipped_samples=stats.skipped_samples, skipped_shards=stats.skipped_shards,
-                      data_retries=stats.retries, skipped_steps=trainer.skipped_steps)
-        if rank == 0:
-            if do_log:
-                _say(f"step {step}/{t.steps} " + " ".join(
-                    f"{k}={v:.4g}" for k, v in values.items()))
-            if do_sample or do_eval:
-                G_ema = trainer.ema_generator()
-            if do_sample and logger is not None:
-                from sagan.visualize import sample_grid
+                if do_log:
+                    _say(f"step {step}/{t.steps} " + " ".join(
+                        f"{k}={v:.4g}" for k, v in values.items()))
+                if do_sample or do_eval:
+                    G_ema = trainer.ema_generator()
+                if do_sample and logger is not None:
+                    from sagan.visualize import sample_grid
 
-                logger.log_image(sample_grid(G_ema, seed=0, device=device),
-                                 f"samples/step_{step:07d}.png")
-            if do_eval:
-                from sagan.metrics import compute_metrics
+                    logger.log_image(sample_grid(G_ema, seed=0, device=device),
+                                     f"samples/step_{step:07d}.png")
+                if do_eval:
+                    from sagan.metrics import compute_metrics
 
-                values.update(compute_metrics(G_ema, cfg.eval, real=cfg.data.path,
-                                              device=device,
-                                              num_classes=cfg.model.num_classes,
-                                              endpoint_url=cfg.data.endpoint_url))
-            if logger is not None and (do_log or do_eval):
-                logger.log_metrics(values, step)
-        if not (do_ckpt or do_eval):
-            continue
-        values["step"] = step
-        if do_ckpt and rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer)
-                report(values, checkpoint=Checkpoint.from_directory(tmp))
-        else:
-            report(values)
+                    values.update(compute_metrics(G_ema, cfg.eval, real=cfg.data.path,
+                                                  device=device,
+                                                  num_classes=cfg.model.num_classes,
+                                                  endpoint_url=cfg.data.endpoint_url))
+                if logger is not None and (do_log or do_eval):
+                    logger.log_metrics(values, step)
+            if not (do_ckpt or do_eval):
+                continue
+            values["step"] = step
+            if do_ckpt and rank == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer)
+                    report(values, checkpoint=Checkpoint.from_directory(tmp))
+            else:
+                report(values)

@@ -39,10 +39,9 @@ class GBlock(nn.Module):
         self.skip = sn_conv2d(in_ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        h = F.relu(self.bn1(x, y))
-        h = F.interpolate(h, scale_factor=2, mode="nearest")
-        h = self.conv2(F.relu(self.bn2(self.conv1(h), y)))
-        return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+        h = self.conv1.forward_upsampled(F.relu(self.bn1(x, y)))
+        h = self.conv2(F.relu(self.bn2(h, y)))
+        return h + self.skip.forward_upsampled(x)
 
 
 class DBlock(nn.Module):
@@ -59,15 +58,13 @@ class DBlock(nn.Module):
         self.skip = sn_conv2d(in_ch, out_ch, 1) if (downsample or in_ch != out_ch) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(x) if self.preactivation else x
-        h = self.conv2(F.relu(self.conv1(h)))
-        if self.downsample:
-            h = F.avg_pool2d(h, 2)
+        h = F.relu(self.conv1(F.relu(x) if self.preactivation else x))
+        h = self.conv2.forward_pooled(h) if self.downsample else self.conv2(h)
         s = x
         if self.preactivation:
             if self.skip is not None:
-                s = self.skip(s)
-            if self.downsample:
+                s = self.skip.forward_pooled(s) if self.downsample else self.skip(s)
+            elif self.downsample:
                 s = F.avg_pool2d(s, 2)
         else:
             if self.downsample:

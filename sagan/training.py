@@ -18,6 +18,9 @@ Performance (docs/PERFORMANCE.md has the numbers):
 - `train.channels_last` runs the convs channels_last (NCHW on 4x4 maps, where that is faster) by
   giving activations and the spectrally normalised weights that layout, while parameters stay
   contiguous (`sagan.layers.set_channels_last`);
+- `train.fuse_resampling` runs each conv+avgpool of D as one 4x4 stride-2 conv and each
+  upsample+conv of G as one stride-2 transposed conv (same function, 2.25x fewer FLOPs there;
+  `sagan.layers.SNConv2d`);
 - `train.compile` wraps G and D in `torch.compile`; the first step at each new batch shape is
   guarded, and any failure there (compile errors surface at the first call or the first
   backward, not at `torch.compile()`) restores the pre-step state and re-runs the step eagerly,
@@ -39,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sagan.config import Config
-from sagan.layers import refresh_spectral_norm, set_channels_last
+from sagan.layers import refresh_spectral_norm, set_channels_last, set_fused_resampling
 from sagan.losses import get_losses
 from sagan.models import Discriminator, Generator, attention_layers
 
@@ -129,6 +132,8 @@ class GANTrainer:
                               else torch.contiguous_format)
         set_channels_last(G, self.t.channels_last)
         set_channels_last(D, self.t.channels_last)
+        set_fused_resampling(G, self.t.fuse_resampling)
+        set_fused_resampling(D, self.t.fuse_resampling)
         self.G_raw, self.D_raw = G, D
         self.ema = AveragedModel(G, multi_avg_fn=get_ema_multi_avg_fn(self.t.ema_decay),
                                  use_buffers=False)

@@ -1,6 +1,7 @@
 """The performance code paths compute what the plain ones do (issue 8): fused spectral-norm
-backward, channels_last, layout-preserving attention, the sync-free EMA and NaN checks, the
-torch.compile fallback, and the prefetcher. No timing assertions here (bench/ measures speed)."""
+backward, channels_last, fused resampling convs, layout-preserving attention, the sync-free EMA
+and NaN checks, the torch.compile fallback, and the prefetcher. No timing assertions here
+(bench/ measures speed)."""
 
 import os
 import socket
@@ -13,10 +14,19 @@ import torch.multiprocessing as mp
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import sagan.training as training
 from sagan.config import load_config
-from sagan.layers import SN_EPS, SelfAttention, set_channels_last, sn_conv2d, spectral_norm
+from sagan.layers import (
+    SN_EPS,
+    SelfAttention,
+    set_channels_last,
+    set_fused_resampling,
+    sn_conv2d,
+    spectral_norm,
+)
+from sagan.models import Discriminator, Generator
 from sagan.prefetch import Prefetcher
 from sagan.training import GANTrainer, to_floats
 
@@ -87,6 +97,73 @@ def test_sn_conv_layout_follows_map_size_and_sigma_stays_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         w_amp = conv.weight  # sigma computed in fp32 even under bf16 autocast
     assert w_amp.dtype == torch.float32 and torch.equal(w_amp, w)
+
+
+# --------------------------------------------------------------------------- fused resampling
+
+def _resample_run(conv, x, mode, fused):
+    set_fused_resampling(conv, fused)
+    conv.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as flops:
+        out = conv.forward_pooled(x) if mode == "pool" else conv.forward_upsampled(x)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape))
+    return out, x.grad, conv.parametrizations.weight.original.grad, flops.get_total_flops()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode, k, size, flop_ratio", [
+    ("pool", 3, 16, 16 / 36),     # conv3x3 + avgpool -> one 4x4 stride-2 conv
+    ("up", 3, 8, 16 / 36),        # upsample + conv3x3 -> one 4x4 stride-2 transposed conv
+    ("pool", 1, 16, 1 / 4),       # 1x1 conv runs after the pooling
+    ("up", 1, 8, 1 / 4),          # 1x1 conv runs before the upsampling
+    ("pool", 3, 8, 1.0),          # low-resolution side 4x4: plain form kept
+    ("up", 3, 4, 1.0),
+])
+def test_fused_resampling_is_the_same_function(mode, k, size, flop_ratio, channels_last):
+    """Same outputs and gradients (input and weight) as resample-then-conv / conv-then-pool, in
+    float64, with 2.25x (3x3) or 4x (1x1) fewer FLOPs where fused."""
+    torch.manual_seed(0)
+    conv = sn_conv2d(6, 10, k).double().train()
+    set_channels_last(conv, channels_last)
+    x = torch.randn(3, 6, size, size, dtype=torch.float64)
+    sn = conv.parametrizations.weight[0]
+    u0, v0 = sn._u.clone(), sn._v.clone()
+    plain = _resample_run(conv, x, mode, fused=False)
+    sn._u.copy_(u0)  # the same power-iteration start for both
+    sn._v.copy_(v0)
+    fused = _resample_run(conv, x, mode, fused=True)
+    for a, b in zip(fused[:3], plain[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert fused[3] == pytest.approx(plain[3] * flop_ratio, rel=0.02)
+
+
+def test_fused_resampling_models_match_the_plain_form():
+    """G and D at 64 px: same logits and gradients with train.fuse_resampling on and off."""
+    cfg = load_config(None, TINY + ["model.image_size=64"]).model
+    nets = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        G, D = Generator(cfg).double(), Discriminator(cfg).double()
+        set_fused_resampling(G, fused)
+        set_fused_resampling(D, fused)
+        gen = torch.Generator().manual_seed(1)
+        z = torch.randn(4, cfg.z_dim, dtype=torch.float64, generator=gen)
+        y = torch.tensor([0, 1, 2, 0])
+        out = D(G(z, y), y)
+        out.sum().backward()
+        nets[fused] = (out, [p.grad for p in [*G.parameters(), *D.parameters()]])
+    torch.testing.assert_close(nets[True][0], nets[False][0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(nets[True][1], nets[False][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_trainer_applies_fuse_resampling_flag():
+    for flag in (False, True):
+        tr = GANTrainer(load_config(None, TINY + [f"train.fuse_resampling={str(flag).lower()}"]))
+        convs = [m for net in (tr.G_raw, tr.D_raw, tr.ema.module) for m in net.modules()
+                 if hasattr(m, "fuse_resampling")]
+        assert convs and all(m.fuse_resampling is flag for m in convs)
 
 
 # --------------------------------------------------------------------------- attention
