@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from pipelines.model_io import ModelSourceError, is_mlflow_source, load_generator_any
+    from pipelines.model_io import ModelSourceError, load_generator_any
     from sagan.checkpoint import CheckpointError
     from sagan.data import DataError
     from sagan.metrics import (
@@ -163,12 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             check_reachable(uri)  # fail before minutes of sampling, not after
         steps = tqdm(total=3, desc="evaluate", unit="step", disable=not progress)
         steps.set_postfix_str("loading model")
-        load_uri = uri
-        if load_uri is None and is_mlflow_source(args.model):
-            from pipelines.tracking import resolve_tracking_uri
-
-            load_uri = resolve_tracking_uri(load_config(None), project_dir=Path.cwd())
-        G, _model_cfg, ckpt_cfg = load_generator_any(args.model, device, tracking_uri=load_uri)
+        G, _model_cfg, ckpt_cfg = load_generator_any(args.model, device, tracking_uri=uri)
         cfg = build_config(args, ckpt_cfg)
         weights = resolve_inception_weights(cfg.eval.inception_weights, progress=progress)
         steps.update()

@@ -123,10 +123,18 @@ def load_generator_any(source: str | os.PathLike, device: str | torch.device = "
 
     `source`: a checkpoint file (or a directory holding exactly one), an MLflow model URI
     (`models:/name@alias`, `models:/name/3`, `runs:/<run_id>/generator`) or a local MLflow
-    model directory. Raises ModelSourceError (one line) when it cannot be loaded.
+    model directory. An MLflow source is read from `tracking_uri`, else $MLFLOW_TRACKING_URI,
+    else the project's local stack (`pipelines.tracking.resolve_tracking_uri`).
+    Raises ModelSourceError (one line) when it cannot be loaded.
     """
     source = os.fspath(source)
     device = torch.device(device)
     if is_mlflow_source(source):
-        return _load_mlflow(source, device, tracking_uri)
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            from pipelines.tracking import resolve_tracking_uri
+            from sagan.config import load_config
+
+            uri = resolve_tracking_uri(load_config(None), project_dir=Path.cwd())
+        return _load_mlflow(source, device, uri)
     return _load_checkpoint(source, device)

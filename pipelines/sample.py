@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -72,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from pipelines.evaluate import resolve_device
-    from pipelines.model_io import ModelSourceError, is_mlflow_source, load_generator_any
+    from pipelines.model_io import ModelSourceError, load_generator_any
     from sagan.checkpoint import CheckpointError
-    from sagan.config import ConfigError, load_config
+    from sagan.config import ConfigError
     from sagan.visualize import (
         GRID_META_KEY,
         VisualizationError,
@@ -99,13 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--classes '{args.classes}': expected a comma list of class "
                                   "ids, e.g. 0,3,7") from None
         device = resolve_device(args.device)
-        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if uri is None and is_mlflow_source(args.model):
-            from pipelines.tracking import resolve_tracking_uri
-
-            uri = resolve_tracking_uri(load_config(None), project_dir=Path.cwd())
         steps.set_postfix_str("loading model")
-        G = load_generator_any(args.model, device, tracking_uri=uri).generator
+        G = load_generator_any(args.model, device, tracking_uri=args.tracking_uri).generator
         steps.update()
         steps.set_postfix_str("sample grid")
         grid = sample_grid(G, n_per_class=args.n_per_class, n=args.n, seed=args.seed,

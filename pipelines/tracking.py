@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict
@@ -129,7 +130,7 @@ class RunLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if step <= self.last_logged:
             return
-        ts = int(1000 * __import__("time").time())
+        ts = int(1000 * time.time())
         batch = [mlflow.entities.Metric(k.replace("/", "."), float(v), ts, step)
                  for k, v in metrics.items() if v == v and abs(v) != float("inf")]
         self.client.log_batch(self.run_id, metrics=batch)

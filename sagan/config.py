@@ -123,12 +123,12 @@ class Config:
 
 def g_resolutions(image_size: int) -> list[int]:
     """Feature-map sizes at which the Generator can place attention (outputs of its up-blocks)."""
-    return [r for r in _powers(MIN_ATTENTION_RES, image_size)]
+    return _powers(MIN_ATTENTION_RES, image_size)
 
 
 def d_resolutions(image_size: int) -> list[int]:
     """Feature-map sizes at which the Discriminator can place attention (outputs of down-blocks)."""
-    return [r for r in _powers(MIN_ATTENTION_RES, image_size // 2)]
+    return _powers(MIN_ATTENTION_RES, image_size // 2)
 
 
 def _powers(lo: int, hi: int) -> list[int]:
