@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from infra.local.s3 import start_s3_server, stop_s3_server  # noqa: E402
+from infra.local.s3 import local_s3  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,67 +93,55 @@ def main(argv: list[str] | None = None) -> int:
     from sagan.data import load_manifest
     from sagan.datasets import prepare_dataset
 
-    proc, endpoint = start_s3_server()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                             "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")}
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL_S3=endpoint)
-    try:
-        with tempfile.TemporaryDirectory(prefix="sagan-bench-") as tmp:
-            t0 = time.perf_counter()
-            m = prepare_dataset(args.source, tmp, image_size=args.image_size, limit=args.limit,
-                                samples_per_shard=args.samples_per_shard)
-            prep_s = time.perf_counter() - t0
-            client = boto3.client("s3", endpoint_url=endpoint)
-            client.create_bucket(Bucket="bench")
-            for name in [s.name for s in m.shards] + ["manifest.json"]:
-                client.upload_file(os.path.join(tmp, name), "bench", f"ds/{name}")
-            s3_url = "s3://bench/ds"
-            assert load_manifest(s3_url).content_hash() == m.content_hash()
-            shard_mb = sum(os.path.getsize(os.path.join(tmp, s.name)) for s in m.shards) / 1e6
-            print(f"dataset: {m.total} images, {len(m.shards)} shards, {shard_mb:.1f} MB "
-                  f"(prepared in {prep_s:.1f}s); S3 at {endpoint}", flush=True)
+    with local_s3("bench") as endpoint, \
+            tempfile.TemporaryDirectory(prefix="sagan-bench-") as tmp:
+        t0 = time.perf_counter()
+        m = prepare_dataset(args.source, tmp, image_size=args.image_size, limit=args.limit,
+                            samples_per_shard=args.samples_per_shard)
+        prep_s = time.perf_counter() - t0
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="bench")
+        for name in [s.name for s in m.shards] + ["manifest.json"]:
+            client.upload_file(os.path.join(tmp, name), "bench", f"ds/{name}")
+        s3_url = "s3://bench/ds"
+        assert load_manifest(s3_url).content_hash() == m.content_hash()
+        shard_mb = sum(os.path.getsize(os.path.join(tmp, s.name)) for s in m.shards) / 1e6
+        print(f"dataset: {m.total} images, {len(m.shards)} shards, {shard_mb:.1f} MB "
+              f"(prepared in {prep_s:.1f}s); S3 at {endpoint}", flush=True)
 
-            sides = {"local": tmp, "s3": s3_url}
-            modes = ["eval", "train"] if args.mode == "both" else [args.mode]
-            batches = max(2, m.total // args.batch_size)
-            results: dict[str, dict] = {}
-            time_eval(tmp, args.batch_size)  # warm-up: imports, page cache, first client
-            time_eval(s3_url, args.batch_size)
-            for mode in modes:
-                rates: dict[str, list[float]] = {"local": [], "s3": []}
-                cpu_rates: dict[str, list[float]] = {"local": [], "s3": []}
-                for _ in range(args.repeats):
-                    for side, path in sides.items():
-                        if mode == "eval":
-                            elapsed, cpu, n = time_eval(path, args.batch_size)
-                        else:
-                            elapsed, cpu, n = time_train(path, args.batch_size, args.workers,
-                                                         batches)
-                        rates[side].append(n / elapsed)
-                        cpu_rates[side].append(n / cpu)
-                        print(f"  {mode:5s} {side:5s} {n / elapsed:10.0f} img/s "
-                              f"({n} in {elapsed:.2f}s wall, {cpu:.2f}s client CPU)", flush=True)
-                med = {k: statistics.median(v) for k, v in rates.items()}
-                ratio = med["s3"] / med["local"]
-                results[mode] = {"local_img_per_s": round(med["local"], 1),
-                                 "s3_img_per_s": round(med["s3"], 1),
-                                 "ratio_s3_over_local": round(ratio, 3),
-                                 "runs": {k: [round(r, 1) for r in v] for k, v in rates.items()}}
-                line = (f"{mode}: local {med['local']:.0f} img/s, S3 {med['s3']:.0f} img/s, "
-                        f"ratio S3/local = {ratio:.2f}x (target >= 0.9)")
-                # CPU-normalised (client side): robust to other load on a shared box.
-                cmed = {k: statistics.median(v) for k, v in cpu_rates.items()}
-                results[mode]["cpu_ratio_s3_over_local"] = round(cmed["s3"] / cmed["local"], 3)
-                line += f"; per client CPU-second {cmed['s3'] / cmed['local']:.2f}x"
-                print(line, flush=True)
-    finally:
-        stop_s3_server(proc)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        sides = {"local": tmp, "s3": s3_url}
+        modes = ["eval", "train"] if args.mode == "both" else [args.mode]
+        batches = max(2, m.total // args.batch_size)
+        results: dict[str, dict] = {}
+        time_eval(tmp, args.batch_size)  # warm-up: imports, page cache, first client
+        time_eval(s3_url, args.batch_size)
+        for mode in modes:
+            rates: dict[str, list[float]] = {"local": [], "s3": []}
+            cpu_rates: dict[str, list[float]] = {"local": [], "s3": []}
+            for _ in range(args.repeats):
+                for side, path in sides.items():
+                    if mode == "eval":
+                        elapsed, cpu, n = time_eval(path, args.batch_size)
+                    else:
+                        elapsed, cpu, n = time_train(path, args.batch_size, args.workers,
+                                                     batches)
+                    rates[side].append(n / elapsed)
+                    cpu_rates[side].append(n / cpu)
+                    print(f"  {mode:5s} {side:5s} {n / elapsed:10.0f} img/s "
+                          f"({n} in {elapsed:.2f}s wall, {cpu:.2f}s client CPU)", flush=True)
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            ratio = med["s3"] / med["local"]
+            results[mode] = {"local_img_per_s": round(med["local"], 1),
+                             "s3_img_per_s": round(med["s3"], 1),
+                             "ratio_s3_over_local": round(ratio, 3),
+                             "runs": {k: [round(r, 1) for r in v] for k, v in rates.items()}}
+            line = (f"{mode}: local {med['local']:.0f} img/s, S3 {med['s3']:.0f} img/s, "
+                    f"ratio S3/local = {ratio:.2f}x (target >= 0.9)")
+            # CPU-normalised (client side): robust to other load on a shared box.
+            cmed = {k: statistics.median(v) for k, v in cpu_rates.items()}
+            results[mode]["cpu_ratio_s3_over_local"] = round(cmed["s3"] / cmed["local"], 3)
+            line += f"; per client CPU-second {cmed['s3'] / cmed['local']:.2f}x"
+            print(line, flush=True)
 
     report = {
         "benchmark": "data_stream",

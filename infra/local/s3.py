@@ -25,6 +25,7 @@ before (or without) Ray, MLflow or the `sagan` package.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -34,10 +35,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["free_port", "start_s3_server", "stop_s3_server", "wait_healthy"]
+__all__ = ["free_port", "local_s3", "start_s3_server", "stop_s3_server", "wait_healthy"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -129,6 +131,37 @@ def stop_s3_server(proc: subprocess.Popen, timeout: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout)
+
+
+# AWS settings that would leak a real identity or endpoint into a local-S3 session.
+_AWS_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL",
+              "AWS_REGION")
+
+
+@contextlib.contextmanager
+def local_s3(key_id: str = "testing") -> Iterator[str]:
+    """A moto server for the duration of a `with` block, with this process's AWS_* environment
+    pointed at it: dummy credentials (`key_id`), config/credential files disabled, profile,
+    session token and other endpoints unset. Yields the endpoint URL; on exit the server is
+    stopped and the environment restored exactly (a caller's real credentials are never used
+    inside, and are back afterwards)."""
+    env = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": key_id,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+           "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    proc, endpoint = start_s3_server()
+    saved = {k: os.environ.get(k) for k in [*env, *_AWS_UNSET, "AWS_ENDPOINT_URL_S3"]}
+    os.environ.update(env, AWS_ENDPOINT_URL_S3=endpoint)
+    for k in _AWS_UNSET:
+        os.environ.pop(k, None)
+    try:
+        yield endpoint
+    finally:
+        stop_s3_server(proc)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv: list[str] | None = None) -> int:
