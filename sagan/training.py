@@ -47,6 +47,8 @@ from sagan.losses import get_losses
 from sagan.models import Discriminator, Generator, attention_layers
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
+# BatchNorm buffers that a forward pass updates (restored when nan_policy=skip drops a step)
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 # Keyword arguments for torch.compile (train.compile=true); tests swap the backend to exercise
 # the eager fallback deterministically.
@@ -230,6 +232,20 @@ class GANTrainer:
             if ok < 1.0:
                 self._handle_nonfinite(name)
 
+    def _bn_stats(self, net: nn.Module) -> list[torch.Tensor]:
+        """The BatchNorm running statistics (mean, var, batch count) of G or its EMA copy."""
+        return [b for n, b in net.named_buffers() if n.endswith(_BN_STATS)]
+
+    def _restore_bn_stats(self, saved: list[torch.Tensor]) -> None:
+        """Undo a skipped step's BatchNorm statistics update, in G and in the EMA copy.
+
+        Why: the forward pass updates the running statistics itself, so with
+        `nan_policy=skip` a step whose activations overflowed would leave NaN/Inf in them even
+        though every optimizer update was dropped, and the EMA generator (which copies G's
+        buffers) would sample NaN images from then on."""
+        torch._foreach_copy_(self._bn_stats(self.G_raw), saved)
+        torch._foreach_copy_(self._bn_stats(self.ema.module), saved)
+
     def _to_device(self, x: torch.Tensor, y: torch.Tensor | None) -> Batch:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         if y is not None:
@@ -285,6 +301,10 @@ class GANTrainer:
     def _train_step(self, batches: Iterator[Batch]) -> dict[str, torch.Tensor]:
         d_metrics: dict[str, torch.Tensor] = {}
         batch_size = 0
+        # a skipped step must leave no trace in G's BatchNorm statistics either (a few KB)
+        bn_before = ([b.clone() for b in self._bn_stats(self.G_raw)]
+                     if self.t.nan_policy == "skip" else None)
+        skipped_before = self.skipped_steps
         self._flags = []
         try:
             for _ in range(self.t.ndis):
@@ -296,6 +316,8 @@ class GANTrainer:
         finally:
             self._flags = None
         self._resolve_flags(flags)
+        if bn_before is not None and self.skipped_steps > skipped_before:
+            self._restore_bn_stats(bn_before)
         for name, layer in self._attn.items():
             metrics[f"gamma/{name}"] = layer.gamma.detach()[0]
         self.step += 1

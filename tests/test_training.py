@@ -138,6 +138,26 @@ def test_tampered_checkpoint_gives_clear_error(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
 
 
+def test_skipped_step_leaves_bn_running_stats_finite():
+    """nan_policy=skip: a step whose G activations overflow (lr_g=1e30 blows up G's BN gains
+    after one update) is dropped, and G's BatchNorm running statistics (updated by the forward
+    pass itself) are restored too, in G and in the EMA copy that sampling uses."""
+    x, y = _batch()
+    tr = GANTrainer(load_config(None, TINY + ["train.nan_policy=skip", "train.lr_g=1e30"]))
+    tr.train_step(_repeat((x, y)))
+    assert tr.skipped_steps == 0
+    stats = {n: b.clone() for n, b in tr.G_raw.named_buffers() if ".running_" in n}
+    assert stats
+    for _ in range(2):
+        tr.train_step(_repeat((x, y)))
+    assert tr.skipped_steps >= 2  # the divergence really happened
+    for net in (tr.G_raw, tr.ema.module):
+        bufs = dict(net.named_buffers())
+        for n, v in stats.items():
+            assert torch.equal(bufs[n], v), n  # exactly the last good step's statistics
+    assert all(torch.isfinite(p).all() for p in tr.G_raw.parameters())
+
+
 def test_nan_loss_stops_naming_the_step_or_is_skipped():
     x, y = _batch()
     x_bad = x.clone()
