@@ -21,7 +21,6 @@ import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ import torch
 from sagan.checkpoint import CheckpointError, load_checkpoint, restore_trainer
 from sagan.config import load_config
 from sagan.training import GANTrainer
+from tests.fixtures.s3 import TcpProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.g_ch=8", "model.d_ch=8", "model.z_dim=32", "train.batch_size=16",
@@ -329,16 +329,7 @@ class UploadFaultProxy:
         with self._lock:
             self._armed = (self.bytes_up + nbytes, refuse_next, only)
 
-    @staticmethod
-    def _reset(sock: socket.socket) -> None:
-        """Close with RST (linger 0); shutdown first so a pump blocked in recv() wakes up."""
-        for op in (lambda: sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                           struct.pack("ii", 1, 0)),
-                   lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
-            try:
-                op()
-            except OSError:
-                pass
+    _reset = staticmethod(TcpProxy._reset)  # close with RST, waking a pump blocked in recv()
 
     def _accept_loop(self) -> None:
         while True:
