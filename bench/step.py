@@ -228,19 +228,28 @@ def profile_ops(fn, top: int) -> dict[str, Any]:
                     for e in ops[:top]]}
 
 
-def _side_stats(s: Any, imgs: int, flops: float, peak: float,
-                executed_flops: float) -> dict[str, Any]:
-    """img/s, model FLOP/s and MFU (model FLOPs: the baseline's count, credited to every side)
-    and HFU (the FLOPs this side actually executes, per second, over the same peak)."""
+def _side_stats(s: Any, imgs: int, flops: float, executed_flops: float) -> dict[str, Any]:
+    """img/s and model FLOP/s (model FLOPs: the baseline's count, credited to every side) at
+    the median and the best rep; `executed_flops` (what this side really runs) is kept for HFU.
+    MFU/HFU need the run's final peak: `_add_utilisation`."""
     summ = s.summary()
     med, best = summ["wall_median_s"], summ["wall_min_s"]
     return {**summ,
             "img_per_s_median": imgs / med, "img_per_s_best": imgs / best,
             "flops_per_s_median": flops / med, "flops_per_s_best": flops / best,
-            "mfu_median": flops / med / peak, "mfu_best": flops / best / peak,
-            "executed_flops": executed_flops,
-            "hfu_median": executed_flops / med / peak, "hfu_best": executed_flops / best / peak,
-            "img_per_cpu_s": imgs / summ["cpu_median_s"]}
+            "executed_flops": executed_flops, "img_per_cpu_s": imgs / summ["cpu_median_s"]}
+
+
+def _add_utilisation(result: dict[str, Any], peak: float) -> None:
+    """MFU (model FLOP/s / peak) and HFU (executed FLOP/s / peak) of every side, and the MFU
+    target. The target is checked on the best rep: the peak is the best seen in the whole run,
+    and a median step against a best-of peak would charge other jobs' load to the step."""
+    for s in result["sides"].values():
+        s["mfu_median"] = s["flops_per_s_median"] / peak
+        s["mfu_best"] = s["flops_per_s_best"] / peak
+        s["hfu_median"] = s["executed_flops"] / s["wall_median_s"] / peak
+        s["hfu_best"] = s["executed_flops"] / s["wall_min_s"] / peak
+    result["targets"]["mfu_ge_0.75"] = result["sides"]["ours"]["mfu_best"] >= 0.75
 
 
 def bench_preset(preset: int, args: argparse.Namespace, device: torch.device,
@@ -304,7 +313,7 @@ def bench_preset(preset: int, args: argparse.Namespace, device: torch.device,
     samples = interleave(cases, args.reps, device, warmup=args.warmup, between=peaks.sample)
     imgs = batch * args.steps_per_rep
     flops = model_flops * args.steps_per_rep
-    sides = {name: _side_stats(s, imgs, flops, peaks.peak, executed[name] * args.steps_per_rep)
+    sides = {name: _side_stats(s, imgs, flops, executed[name] * args.steps_per_rep)
              for name, s in samples.items()}
     speedups = {}
     for name in trainers:
@@ -327,8 +336,7 @@ def bench_preset(preset: int, args: argparse.Namespace, device: torch.device,
         "model_flops_per_step": model_flops, "executed_flops_per_step": executed,
         "flops_by_op": per_op, "first_step_loss_abs_diff": loss_diff,
         "sides": sides, "speedup_vs_baseline": speedups, "profiles": profiles,
-        "targets": {"speedup_ge_1.25": speedups["ours"]["paired_median"] >= 1.25,
-                    "mfu_ge_0.75": sides["ours"]["mfu_best"] >= 0.75},
+        "targets": {"speedup_ge_1.25": speedups["ours"]["paired_median"] >= 1.25},
     }
 
 
@@ -340,15 +348,8 @@ def main(argv: list[str] | None = None) -> None:
     results = [bench_preset(p, args, device, peaks) for p in args.preset]
     peaks.finish()
     peak = peaks.peak
-    for r in results:  # MFU against the best peak seen anywhere in the run
-        for s in r["sides"].values():
-            s["mfu_median"] = s["flops_per_s_median"] / peak
-            s["mfu_best"] = s["flops_per_s_best"] / peak
-            s["hfu_median"] = s["executed_flops"] / s["wall_median_s"] / peak
-            s["hfu_best"] = s["executed_flops"] / s["wall_min_s"] / peak
-        # best rep vs best peak: both are the least-disturbed measurement of their kind (a
-        # median step against a best-of peak would charge other jobs' load to the step)
-        r["targets"]["mfu_ge_0.75"] = r["sides"]["ours"]["mfu_best"] >= 0.75
+    for r in results:  # against the best peak seen anywhere in the run
+        _add_utilisation(r, peak)
     mm = max(f["mm_flops_per_s"] for f in peaks.full)
     print(f"matmul peak: {peak / 1e9:.0f} GFLOP/s {peaks.full[0]['dtype']} (best of the run; "
           f"torch.mm alone {mm / 1e9:.0f})")

@@ -130,11 +130,10 @@ def load_generator_any(source: str | os.PathLike, device: str | torch.device = "
     source = os.fspath(source)
     device = torch.device(device)
     if is_mlflow_source(source):
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
+        if not tracking_uri:
             from pipelines.tracking import resolve_tracking_uri
             from sagan.config import load_config
 
-            uri = resolve_tracking_uri(load_config(None), project_dir=Path.cwd())
-        return _load_mlflow(source, device, uri)
+            tracking_uri = resolve_tracking_uri(load_config(None), project_dir=Path.cwd())
+        return _load_mlflow(source, device, tracking_uri)
     return _load_checkpoint(source, device)

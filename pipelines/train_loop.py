@@ -112,6 +112,31 @@ def _newest_loadable(ckpt: Any, checkpoint_cls: Any, device: torch.device, rank:
     raise first_error
 
 
+def _rank0_outputs(cfg: Config, trainer: GANTrainer, logger: Any, device: torch.device,
+                   step: int, values: dict[str, float], *, do_log: bool, do_sample: bool,
+                   do_eval: bool) -> None:
+    """Rank 0's outputs at `step`: the progress line, the EMA sample grid, FID/IS/KID (added to
+    `values`, which the caller then reports to Ray) and the MLflow metrics."""
+    t = cfg.train
+    if do_log:
+        _say(f"step {step}/{t.steps} " + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+    if do_sample or do_eval:
+        G_ema = trainer.ema_generator()
+    if do_sample and logger is not None:
+        from sagan.visualize import sample_grid
+
+        logger.log_image(sample_grid(G_ema, seed=0, device=device),
+                         f"samples/step_{step:07d}.png")
+    if do_eval:
+        from sagan.metrics import compute_metrics
+
+        values.update(compute_metrics(G_ema, cfg.eval, real=cfg.data.path, device=device,
+                                      num_classes=cfg.model.num_classes,
+                                      endpoint_url=cfg.data.endpoint_url))
+    if logger is not None and (do_log or do_eval):
+        logger.log_metrics(values, step)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Entry point run by every Ray Train worker (also called in-process by Tune trials).
     Returns None, or `{STOPPED_KEY: message, "step": n}` when a non-finite loss stopped it."""
@@ -173,33 +198,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 continue
             values = to_floats(metrics)
             now = time.perf_counter()
-            values["img_per_s"] = (step - last_step) * t.batch_size * t.ndis / max(now - last_time,
-                                                                                    1e-9)
+            elapsed = max(now - last_time, 1e-9)
+            values["img_per_s"] = (step - last_step) * t.batch_size * t.ndis / elapsed
             last_time, last_step = now, step
             stats = loader.stats
             values.update(skipped_samples=stats.skipped_samples,
                           skipped_shards=stats.skipped_shards, data_retries=stats.retries,
                           skipped_steps=trainer.skipped_steps)
             if rank == 0:
-                if do_log:
-                    _say(f"step {step}/{t.steps} " + " ".join(
-                        f"{k}={v:.4g}" for k, v in values.items()))
-                if do_sample or do_eval:
-                    G_ema = trainer.ema_generator()
-                if do_sample and logger is not None:
-                    from sagan.visualize import sample_grid
-
-                    logger.log_image(sample_grid(G_ema, seed=0, device=device),
-                                     f"samples/step_{step:07d}.png")
-                if do_eval:
-                    from sagan.metrics import compute_metrics
-
-                    values.update(compute_metrics(G_ema, cfg.eval, real=cfg.data.path,
-                                                  device=device,
-                                                  num_classes=cfg.model.num_classes,
-                                                  endpoint_url=cfg.data.endpoint_url))
-                if logger is not None and (do_log or do_eval):
-                    logger.log_metrics(values, step)
+                _rank0_outputs(cfg, trainer, logger, device, step, values,
+                               do_log=do_log, do_sample=do_sample, do_eval=do_eval)
             if not (do_ckpt or do_eval):
                 continue
             values["step"] = step

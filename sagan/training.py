@@ -47,7 +47,8 @@ from sagan.losses import get_losses
 from sagan.models import Discriminator, Generator, attention_layers
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
-# BatchNorm buffers that a forward pass updates (restored when nan_policy=skip drops a step)
+# BatchNorm buffers that a forward pass updates: averaged over ranks (mean, var) after each G
+# step, restored when nan_policy=skip drops a step
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 # Keyword arguments for torch.compile (train.compile=true); tests swap the backend to exercise
@@ -132,10 +133,9 @@ class GANTrainer:
         G, D = Generator(cfg.model).to(self.device), Discriminator(cfg.model).to(self.device)
         self.memory_format = (torch.channels_last if self.t.channels_last
                               else torch.contiguous_format)
-        set_channels_last(G, self.t.channels_last)
-        set_channels_last(D, self.t.channels_last)
-        set_fused_resampling(G, self.t.fuse_resampling)
-        set_fused_resampling(D, self.t.fuse_resampling)
+        for net in (G, D):
+            set_channels_last(net, self.t.channels_last)
+            set_fused_resampling(net, self.t.fuse_resampling)
         self.G_raw, self.D_raw = G, D
         self.ema = AveragedModel(G, multi_avg_fn=get_ema_multi_avg_fn(self.t.ema_decay),
                                  use_buffers=False)
@@ -369,8 +369,7 @@ class GANTrainer:
         """Average G's BatchNorm running stats over ranks (they differ: per-rank batches)."""
         if not self.distributed:
             return
-        bufs = [b for n, b in self.G_raw.named_buffers()
-                if n.endswith(("running_mean", "running_var"))]
+        bufs = [b for b in self._bn_stats(self.G_raw) if b.is_floating_point()]  # not counts
         if not bufs:
             return
         flat = torch.cat([b.reshape(-1) for b in bufs])
