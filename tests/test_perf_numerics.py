@@ -29,23 +29,11 @@ from sagan.layers import (
 from sagan.models import Discriminator, Generator
 from sagan.prefetch import Prefetcher
 from sagan.training import GANTrainer, to_floats
-
-TINY = ["model.g_ch=8", "model.d_ch=8", "model.z_dim=16", "model.channels=1",
-        "model.num_classes=3", "train.batch_size=8", "train.ema_start=2", "train.ema_decay=0.9"]
-
-
-def _batch(seed=0, n=8):
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 32, 32, generator=g) * 2 - 1, torch.randint(0, 3, (n,), generator=g)
-
-
-def _repeat(batch):
-    while True:
-        yield batch
+from tests.fixtures.tiny import TINY, repeat, tiny_batch
 
 
 def _sequence(n):
-    return iter([_batch(i) for i in range(n)])
+    return iter([tiny_batch(i) for i in range(n)])
 
 
 # --------------------------------------------------------------------------- spectral norm
@@ -205,7 +193,7 @@ def test_channels_last_training_matches_contiguous():
     for cl in (False, True):
         tr = GANTrainer(load_config(None, TINY + ["train.lr_d=1e-9", "train.lr_g=1e-9",
                                                   f"train.channels_last={str(cl).lower()}"]))
-        data = _repeat(_batch())
+        data = repeat(tiny_batch())
         runs[cl] = ([to_floats(tr.train_step(data)) for _ in range(3)], tr)
     for m0, m1 in zip(runs[False][0], runs[True][0], strict=True):
         for k in m0:
@@ -219,7 +207,7 @@ def test_ema_is_bit_identical_to_averaged_model():
     """The sync-free EMA update does exactly what AveragedModel.update_parameters did."""
     tr = GANTrainer(load_config(None, TINY))
     ref = AveragedModel(tr.G_raw, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=False)
-    data = _repeat(_batch())
+    data = repeat(tiny_batch())
     for step in range(5):
         tr.train_step(data)
         if step < tr.t.ema_start:
@@ -249,15 +237,15 @@ def test_train_step_reads_back_from_the_device_once(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist",
                         lambda self: tolist_calls.append(1) or real_tolist(self))
     with _LocalScalarCounter() as counter:
-        tr.train_step(_repeat(_batch()))
+        tr.train_step(repeat(tiny_batch()))
     assert counter.count == 0  # no .item() / bool(tensor) / float(tensor) inside the step
     assert len(tolist_calls) == 1  # the three finiteness flags, read together
 
 
 def test_skipped_update_leaves_adam_state_untouched():
     tr = GANTrainer(load_config(None, TINY + ["train.nan_policy=skip"]))
-    x, y = _batch()
-    tr.train_step(_repeat((x, y)))
+    x, y = tiny_batch()
+    tr.train_step(repeat((x, y)))
     state = {k: v.clone() for k, v in tr.opt_d.state[tr.opt_d.param_groups[0]["params"][0]].items()}
     x_bad = x.clone()
     x_bad[0, 0, 0, 0] = float("inf")
@@ -320,8 +308,8 @@ def test_compiled_step_matches_eager(monkeypatch):
                                                     "train.compile=true"]))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        got = [to_floats(compiled.train_step(_repeat(_batch()))) for _ in range(2)]
-    want = [to_floats(eager.train_step(_repeat(_batch()))) for _ in range(2)]
+        got = [to_floats(compiled.train_step(repeat(tiny_batch()))) for _ in range(2)]
+    want = [to_floats(eager.train_step(repeat(tiny_batch()))) for _ in range(2)]
     for m0, m1 in zip(want, got, strict=True):
         for k in m0:
             assert m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-5), k
@@ -350,7 +338,7 @@ def test_prefetcher_preserves_order_layout_and_errors():
     with pytest.raises(StopIteration):
         next(pf)
 
-    endless = Prefetcher(_repeat(torch.ones(1)), "cpu", depth=3)
+    endless = Prefetcher(repeat(torch.ones(1)), "cpu", depth=3)
     next(endless)
     endless.close()
     assert not endless._thread.is_alive()
@@ -371,11 +359,11 @@ def _nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     cfg = load_config(None, TINY + ["train.batch_size=8", "train.workers=2",
                                     "train.nan_policy=skip"])
     trainer = GANTrainer(cfg, rank=rank)
-    x, y = _batch(10 + rank, n=4)
+    x, y = tiny_batch(10 + rank, n=4)
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     for step in range(3):  # only rank 1's step-2 batch is bad: both ranks must skip together
-        trainer.train_step(_repeat((bad if (rank == 1 and step == 1) else x, y)))
+        trainer.train_step(repeat((bad if (rank == 1 and step == 1) else x, y)))
     torch.save({"G": trainer.G_raw.state_dict(), "D": trainer.D_raw.state_dict(),
                 "skipped": trainer.skipped_steps}, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()

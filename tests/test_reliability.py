@@ -36,11 +36,9 @@ from sagan.checkpoint import CheckpointError, load_checkpoint, restore_trainer
 from sagan.config import load_config
 from sagan.training import GANTrainer
 from tests.fixtures.s3 import TcpProxy
+from tests.fixtures.stack import JOB_TINY, ROOT, runs_named
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.g_ch=8", "model.d_ch=8", "model.z_dim=32", "train.batch_size=16",
-        "train.workers=2", "data.shuffle_buffer=100", "data.loader_workers=1",
-        "train.ema_start=4", "train.sample_every=0"]
+TINY = [*JOB_TINY, "train.sample_every=0"]
 STEP_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)\).*\bstep (\d+)/(\d+) ")
 RESUMED = re.compile(r"\[rank (\d+)\] resumed from (\S+) at step (\d+)")
 WORKER_RANKS = re.compile(r"pid=(\d+)\) world_rank=(\d+)")
@@ -154,15 +152,6 @@ def checkpoint_steps(run_dir: Path) -> dict[str, int]:
     return out
 
 
-def mlflow_runs(stack, run_name: str) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(stack.mlflow_uri)
-    exp = client.get_experiment_by_name("sagan-quickstart")
-    return [] if exp is None else client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`sagan.run_name` = '{run_name}'")
-
-
 def metric_history(stack, run_id: str, key: str) -> list:
     from mlflow.tracking import MlflowClient
 
@@ -226,7 +215,7 @@ def test_worker_sigkill_restarts_from_last_checkpoint(local_stack, stack_shards,
 
     final = checkpoint_steps(run_dir)
     assert max(final.values()) == steps
-    (run,) = mlflow_runs(local_stack, "rel-worker-kill")  # one MLflow run
+    (run,) = runs_named(local_stack, "rel-worker-kill")  # one MLflow run
     history = [m.step for m in metric_history(local_stack, run.info.run_id, "loss_d")]
     assert history == list(range(1, steps + 1))  # continuous, no duplicates
 
@@ -261,7 +250,7 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_last_checkpoint(local_stack,
     assert state["step"] == 1 and all_finite(state)
     restore_trainer(GANTrainer(load_config("configs/quickstart.yaml", TINY)), state)
 
-    (run,) = mlflow_runs(local_stack, "rel-nan-stop")
+    (run,) = runs_named(local_stack, "rel-nan-stop")
     assert run.info.status == "FAILED"
     assert "non-finite loss_d at step 2" in run.data.tags["sagan.stopped"]
 
@@ -280,7 +269,7 @@ def test_nonfinite_loss_skip_policy_counts_and_finishes(local_stack, stack_shard
         f"train.storage_path={storage}", "train.run_name=rel-nan-skip", "--no-register"])
     assert rc == 0, out[-4000:]
     assert "done: step 6/6" in out
-    (run,) = mlflow_runs(local_stack, "rel-nan-skip")
+    (run,) = runs_named(local_stack, "rel-nan-skip")
     skipped = [(m.step, m.value) for m in metric_history(local_stack, run.info.run_id,
                                                          "skipped_steps")]
     # step 1 is clean; from step 2 on both the D and the G update are dropped
@@ -297,7 +286,7 @@ def test_nonfinite_loss_skip_policy_counts_and_finishes(local_stack, stack_shard
 # --------------------------------------------------------------------------- storage
 
 
-class UploadFaultProxy:
+class UploadFaultProxy(TcpProxy):
     """Loopback TCP proxy (127.0.0.1:<free port> -> S3) that breaks one upload in the middle.
 
     `fail_upload_after(nbytes, refuse_next, only)`: once `nbytes` more have gone client ->
@@ -311,25 +300,19 @@ class UploadFaultProxy:
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._armed: tuple[int, int, bytes] | None = None
+        # set before the base class starts the accept thread
+        self._upload_armed: tuple[int, int, bytes] | None = None
         self._refuse = 0
         self._only = b""
         self.bytes_up = 0
         self.fired_at: int | None = None  # bytes_up when the fault fired
         self.refused = 0
-        threading.Thread(target=self._accept_loop, daemon=True).start()
+        super().__init__(target_host, target_port)
 
     def fail_upload_after(self, nbytes: int, refuse_next: int = 2,
                           only: bytes = b"/checkpoint.pt") -> None:
         with self._lock:
-            self._armed = (self.bytes_up + nbytes, refuse_next, only)
-
-    _reset = staticmethod(TcpProxy._reset)  # close with RST, waking a pump blocked in recv()
+            self._upload_armed = (self.bytes_up + nbytes, refuse_next, only)
 
     def _accept_loop(self) -> None:
         while True:
@@ -374,11 +357,12 @@ class UploadFaultProxy:
                 if upload:
                     with self._lock:
                         self.bytes_up += len(data)
-                        fire = self._armed is not None and self.bytes_up >= self._armed[0]
+                        fire = (self._upload_armed is not None
+                                and self.bytes_up >= self._upload_armed[0])
                         if fire:
                             self.fired_at = self.bytes_up
-                            _, self._refuse, self._only = self._armed
-                            self._armed = None
+                            _, self._refuse, self._only = self._upload_armed
+                            self._upload_armed = None
                             conns, self._conns = self._conns, set()
                     if fire:
                         for s in conns:
@@ -388,18 +372,7 @@ class UploadFaultProxy:
         except OSError:
             pass
         finally:
-            with self._lock:
-                self._conns.discard(src)
-                self._conns.discard(dst)
-            for s in (src, dst):
-                self._reset(s)
-
-    def close(self) -> None:
-        self._listener.close()
-        with self._lock:
-            conns, self._conns = self._conns, set()
-        for s in conns:
-            self._reset(s)
+            self._forget(src, dst)
 
 
 @pytest.fixture
@@ -481,7 +454,7 @@ def test_checkpoint_upload_cut_midway_keeps_previous_checkpoint(local_stack, sta
     if rc_a == 3:
         assert "is unusable" in out_b and "falling back to" in out_b
         assert re.search(r"\[rank 0\] resumed from \S+ at step 10", out_b)
-    (run,) = mlflow_runs(local_stack, "rel-upload-cut")
+    (run,) = runs_named(local_stack, "rel-upload-cut")
     assert run.info.status == "FINISHED"
     history = [m.step for m in metric_history(local_stack, run.info.run_id, "loss_d")]
     assert history == [5, 10, 15, 20]

@@ -15,7 +15,6 @@ directory). The same job reads its shards through a TCP proxy that drops S3 for 
 from __future__ import annotations
 
 import json
-import re
 import socket
 import struct
 import subprocess
@@ -32,13 +31,8 @@ import pytest
 
 from infra.local import stack as stack_mod
 from tests.fixtures.s3 import TcpProxy
+from tests.fixtures.stack import JOB_TINY, ROOT, runs_named, submit_job, submitted_job_id
 
-ROOT = Path(__file__).resolve().parents[1]
-EXCLUDES = [".venv", ".git", "data", "runs", "mlruns", ".state", "bench/results",
-            "**/__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"]
-TINY = ["model.g_ch=8", "model.d_ch=8", "model.z_dim=32", "train.batch_size=16",
-        "train.workers=2", "data.shuffle_buffer=100", "data.loader_workers=1",
-        "train.ema_start=4"]
 STEPS, CKPT_EVERY, LOG_EVERY, OUTAGE_S = 80, 20, 10, 5.0
 
 pytestmark = pytest.mark.slow
@@ -98,20 +92,16 @@ def secret_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretRun]:
         host, port = info.s3_endpoint.split("://", 1)[1].rsplit(":", 1)
         proxy = TcpProxy(host, int(port))
         storage = tmp_path_factory.mktemp("secret_runs")
-        submit = subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address",
-             info.ray_address, "--working-dir", str(ROOT), "--runtime-env-json",
-             json.dumps({"excludes": EXCLUDES}), "--no-wait", "--", "python",
-             "pipelines/train.py", "--config", "configs/quickstart.yaml", *TINY,
-             f"data.path={url}", f"data.endpoint_url={proxy.endpoint_url}",
-             f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
-             f"train.ckpt_every={CKPT_EVERY}", f"train.sample_every={STEPS // 2}",
-             f"train.storage_path={storage}", "train.run_name=secrets",
-             "tracking.registered_model=secrets-gen"],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        submit = submit_job(info, [
+            "pipelines/train.py", "--config", "configs/quickstart.yaml", *JOB_TINY,
+            f"data.path={url}", f"data.endpoint_url={proxy.endpoint_url}",
+            f"train.steps={STEPS}", f"train.log_every={LOG_EVERY}",
+            f"train.ckpt_every={CKPT_EVERY}", f"train.sample_every={STEPS // 2}",
+            f"train.storage_path={storage}", "train.run_name=secrets",
+            "tracking.registered_model=secrets-gen"], wait=False, timeout=300, env=env)
         submit_out = submit.stdout + submit.stderr
         assert submit.returncode == 0, submit_out[-3000:]
-        job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", submit_out).group(1)
+        job_id = submitted_job_id(submit)
 
         deadline = time.monotonic() + 300
         while not list((storage / "secrets").glob("checkpoint_*/checkpoint.pt")):
@@ -126,12 +116,7 @@ def secret_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretRun]:
         logs = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "logs",
                                "--address", info.ray_address, job_id], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(info.mlflow_uri)
-        exp = client.get_experiment_by_name("sagan-quickstart")
-        (run,) = client.search_runs([exp.experiment_id],
-                                    filter_string="tags.`sagan.run_name` = 'secrets'")
+        (run,) = runs_named(info, "secrets")
         yield SecretRun(info, secrets, storage, job_id, status, submit_out,
                         logs.stdout + logs.stderr, proxy, before, after, run.info.run_id)
     finally:

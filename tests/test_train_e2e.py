@@ -3,7 +3,6 @@ in a real S3 endpoint (moto server), a real MLflow server (sqlite) — all on lo
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -12,40 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-EXCLUDES = [".venv", ".git", "data", "runs", "mlruns", ".state", "bench/results",
-            "**/__pycache__", ".pytest_cache", ".ruff_cache"]
-TINY = ["model.g_ch=8", "model.d_ch=8", "model.z_dim=32", "train.batch_size=16",
-        "train.workers=2", "data.shuffle_buffer=100", "data.loader_workers=1",
-        "train.ema_start=4"]
+from tests.fixtures.stack import (
+    JOB_TINY,
+    ROOT,
+    runs_named,
+    stop_job,
+    submit_job,
+    submitted_job_id,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def _submit(stack, args: list[str], wait: bool = True, timeout: int = 600):
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
-           "--address", stack.ray_address, "--working-dir", str(ROOT),
-           "--runtime-env-json", json.dumps({"excludes": EXCLUDES})]
-    if not wait:
-        cmd.append("--no-wait")
-    cmd += ["--", "python", "pipelines/train.py", *args]
-    return subprocess.run(cmd, env=stack.environ(), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
 def _client(stack):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(stack.mlflow_uri)
-
-
-def _runs(stack, run_name: str, experiment: str = "sagan-quickstart"):
-    client = _client(stack)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs([exp.experiment_id],
-                              filter_string=f"tags.`sagan.run_name` = '{run_name}'")
 
 
 def _latest_checkpoint(run_dir: Path) -> dict:
@@ -59,9 +40,10 @@ def _latest_checkpoint(run_dir: Path) -> dict:
 
 def test_job_trains_logs_and_registers(local_stack, stack_shards, inception_weights, tmp_path):
     storage = tmp_path / "runs"
-    proc = _submit(local_stack, [
-        "--config", "configs/quickstart.yaml", *TINY, f"data.path={stack_shards}",
-        "train.steps=12", "train.log_every=3", "train.ckpt_every=6", "train.sample_every=6",
+    proc = submit_job(local_stack, [
+        "pipelines/train.py", "--config", "configs/quickstart.yaml", *JOB_TINY,
+        f"data.path={stack_shards}", "train.steps=12", "train.log_every=3", "train.ckpt_every=6",
+        "train.sample_every=6",
         f"train.storage_path={storage}", "train.run_name=e2e",
         "tracking.registered_model=e2e-gen", "eval.eval_every=12", "eval.num_samples=20",
         "eval.real_samples=20", "eval.batch_size=10", "eval.metrics=[fid, kid]",
@@ -70,7 +52,7 @@ def test_job_trains_logs_and_registers(local_stack, stack_shards, inception_weig
     assert proc.returncode == 0, out[-4000:]
     assert "done: step 12/12" in out
 
-    (run,) = _runs(local_stack, "e2e")
+    (run,) = runs_named(local_stack, "e2e")
     client = _client(local_stack)
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
@@ -121,31 +103,28 @@ def test_job_trains_logs_and_registers(local_stack, stack_shards, inception_weig
 
 def test_stopped_job_resumes_to_exact_step_count(local_stack, stack_shards, tmp_path):
     storage = tmp_path / "runs"
-    args = ["--config", "configs/quickstart.yaml", *TINY, f"data.path={stack_shards}",
+    args = ["--config", "configs/quickstart.yaml", *JOB_TINY, f"data.path={stack_shards}",
             "train.steps=150", "train.log_every=10", "train.ckpt_every=10",
             "train.sample_every=0", f"train.storage_path={storage}",
             "train.run_name=e2e-resume", "tracking.registered_model=e2e-resume-gen"]
-    proc = _submit(local_stack, args, wait=False)
+    proc = submit_job(local_stack, ["pipelines/train.py", *args], wait=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    job_id = next(line.split("'")[1] for line in (proc.stdout + proc.stderr).splitlines()
-                  if "submitted successfully" in line and "'" in line)
+    job_id = submitted_job_id(proc)
     deadline = time.time() + 300
     while not list((storage / "e2e-resume").glob("checkpoint_*/checkpoint.pt")):
         assert time.time() < deadline, "no checkpoint within 300 s"
         time.sleep(0.2)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "stop",
-                    "--address", local_stack.ray_address, job_id], env=local_stack.environ(),
-                   capture_output=True, text=True, timeout=120, check=True)
+    stop_job(local_stack, job_id)
     stopped_at = _latest_checkpoint(storage / "e2e-resume")["step"]
     assert 10 <= stopped_at < 150
 
-    again = _submit(local_stack, args)
+    again = submit_job(local_stack, ["pipelines/train.py", *args])
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-4000:]
     assert "resumed from" in out and "done: step 150/150" in out
     assert _latest_checkpoint(storage / "e2e-resume")["step"] == 150
 
-    runs = _runs(local_stack, "e2e-resume")
+    runs = runs_named(local_stack, "e2e-resume")
     assert len(runs) == 1  # one MLflow run across the restart
     steps = [m.step for m in _client(local_stack).get_metric_history(runs[0].info.run_id,
                                                                      "loss_d")]
@@ -165,18 +144,18 @@ def test_preflight_errors_are_clear_and_early(local_stack, stack_shards):
     assert bad_cfg.stderr.strip().splitlines()[-1].startswith(
         "error: config field 'model.g_attention'")
 
-    no_mlflow = run(*TINY, f"data.path={stack_shards}", "--tracking-uri",
+    no_mlflow = run(*JOB_TINY, f"data.path={stack_shards}", "--tracking-uri",
                     "http://127.0.0.1:9")
     assert no_mlflow.returncode == 2
     assert "MLflow tracking server http://127.0.0.1:9 is unreachable" in no_mlflow.stderr
 
-    missing = run(*TINY, f"data.path=s3://{local_stack.bucket}/no-such-prefix")
+    missing = run(*JOB_TINY, f"data.path=s3://{local_stack.bucket}/no-such-prefix")
     assert missing.returncode == 2
     last = missing.stderr.strip().splitlines()[-1]
     assert last.startswith("error: data.path 's3://") and "no-such-prefix" in last
 
-    too_many = run(*TINY, f"data.path={stack_shards}", "--workers", "16",
+    too_many = run(*JOB_TINY, f"data.path={stack_shards}", "--workers", "16",
                    "train.batch_size=64", "--run-name", "too-many")
     assert too_many.returncode == 2
     assert "train.workers=16" in too_many.stderr and "free" in too_many.stderr
-    assert not _runs(local_stack, "too-many")  # nothing was created in MLflow
+    assert not runs_named(local_stack, "too-many")  # nothing was created in MLflow

@@ -12,26 +12,12 @@ from sagan.checkpoint import (
 )
 from sagan.config import load_config
 from sagan.training import GANTrainer, NonFiniteLossError, to_floats
-
-TINY = ["model.g_ch=8", "model.d_ch=8", "model.z_dim=16", "model.channels=1",
-        "model.num_classes=3", "train.batch_size=8", "train.ema_start=2", "train.ema_decay=0.9"]
-
-
-def _batch(seed=0, n=8):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 32, 32, generator=g) * 2 - 1
-    y = torch.randint(0, 3, (n,), generator=g)
-    return x, y
-
-
-def _repeat(batch):
-    while True:
-        yield batch
+from tests.fixtures.tiny import TINY, repeat, tiny_batch
 
 
 def test_d_steps_drive_hinge_loss_down():
     trainer = GANTrainer(load_config(None, TINY))
-    x, y = _batch()
+    x, y = tiny_batch()
     losses = [trainer.d_step(x, y)["loss_d"].item() for _ in range(50)]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
@@ -40,7 +26,7 @@ def test_d_steps_drive_hinge_loss_down():
 
 def test_g_step_leaves_d_weights_unchanged():
     trainer = GANTrainer(load_config(None, TINY))
-    x, y = _batch()
+    x, y = tiny_batch()
     trainer.d_step(x, y)
     before = {k: v.clone() for k, v in trainer.D_raw.named_parameters()}
     g_before = {k: v.clone() for k, v in trainer.G_raw.named_parameters()}
@@ -62,20 +48,20 @@ def test_g_step_gives_d_no_gradient():
 def test_metrics_dict_has_losses_and_gammas():
     trainer = GANTrainer(load_config(None, TINY + ["model.g_attention=[8, 16]",
                                                    "model.d_attention=[16]", "train.ndis=2"]))
-    m = to_floats(trainer.train_step(_repeat(_batch())))
+    m = to_floats(trainer.train_step(repeat(tiny_batch())))
     assert {"loss_d", "loss_g", "d_real", "d_fake", "gamma/g_attn8", "gamma/g_attn16",
             "gamma/d_attn16"} <= set(m)
     assert trainer.step == 1
     assert all(v == v for v in m.values())
     # gamma starts at 0 and moves once trained (it is learnable by default)
     for _ in range(3):
-        m = to_floats(trainer.train_step(_repeat(_batch())))
+        m = to_floats(trainer.train_step(repeat(tiny_batch())))
     assert m["gamma/g_attn16"] != 0.0
 
 
 def test_ema_tracks_then_averages():
     trainer = GANTrainer(load_config(None, TINY))
-    data = _repeat(_batch())
+    data = repeat(tiny_batch())
     trainer.train_step(data)  # step 0 < ema_start: EMA == G
     for pe, p in zip(trainer.ema.module.parameters(), trainer.G_raw.parameters(), strict=True):
         assert torch.equal(pe, p)
@@ -93,15 +79,15 @@ def test_checkpoint_roundtrip_resumes_bit_identically(tmp_path):
     cfg = load_config(None, TINY)
     a = GANTrainer(cfg)
     for i in range(3):
-        a.train_step(_repeat(_batch(i)))
+        a.train_step(repeat(tiny_batch(i)))
     path = save_checkpoint(tmp_path / "ckpt.pt", a)
-    next_a = [to_floats(a.train_step(_repeat(_batch(9)))) for _ in range(2)]
+    next_a = [to_floats(a.train_step(repeat(tiny_batch(9)))) for _ in range(2)]
 
     torch.manual_seed(1234)  # disturb global RNG: restore must not depend on it
     b = GANTrainer(cfg)
     restore_trainer(b, load_checkpoint(path))
     assert b.step == 3
-    next_b = [to_floats(b.train_step(_repeat(_batch(9)))) for _ in range(2)]
+    next_b = [to_floats(b.train_step(repeat(tiny_batch(9)))) for _ in range(2)]
     assert next_a == next_b
     for (k, va), vb in zip(a.G_raw.state_dict().items(), b.G_raw.state_dict().values(),
                            strict=True):
@@ -111,7 +97,7 @@ def test_checkpoint_roundtrip_resumes_bit_identically(tmp_path):
 
 def test_load_generator_from_checkpoint(tmp_path):
     a = GANTrainer(load_config(None, TINY))
-    a.train_step(_repeat(_batch()))
+    a.train_step(repeat(tiny_batch()))
     save_checkpoint(tmp_path / "c.pt", a)
     G, cfg = load_generator(tmp_path / "c.pt")
     assert cfg.model.num_classes == 3 and not G.training
@@ -142,14 +128,14 @@ def test_skipped_step_leaves_bn_running_stats_finite():
     """nan_policy=skip: a step whose G activations overflow (lr_g=1e30 blows up G's BN gains
     after one update) is dropped, and G's BatchNorm running statistics (updated by the forward
     pass itself) are restored too, in G and in the EMA copy that sampling uses."""
-    x, y = _batch()
+    x, y = tiny_batch()
     tr = GANTrainer(load_config(None, TINY + ["train.nan_policy=skip", "train.lr_g=1e30"]))
-    tr.train_step(_repeat((x, y)))
+    tr.train_step(repeat((x, y)))
     assert tr.skipped_steps == 0
     stats = {n: b.clone() for n, b in tr.G_raw.named_buffers() if ".running_" in n}
     assert stats
     for _ in range(2):
-        tr.train_step(_repeat((x, y)))
+        tr.train_step(repeat((x, y)))
     assert tr.skipped_steps >= 2  # the divergence really happened
     for net in (tr.G_raw, tr.ema.module):
         bufs = dict(net.named_buffers())
@@ -159,16 +145,16 @@ def test_skipped_step_leaves_bn_running_stats_finite():
 
 
 def test_nan_loss_stops_naming_the_step_or_is_skipped():
-    x, y = _batch()
+    x, y = tiny_batch()
     x_bad = x.clone()
     x_bad[0, 0, 0, 0] = float("nan")
     trainer = GANTrainer(load_config(None, TINY))
-    trainer.train_step(_repeat((x, y)))
+    trainer.train_step(repeat((x, y)))
     before = {k: v.clone() for k, v in trainer.D_raw.named_parameters()}
     with pytest.raises(NonFiniteLossError, match="loss_d at step 2"):
-        trainer.train_step(_repeat((x_bad, y)))
+        trainer.train_step(repeat((x_bad, y)))
     for k, v in trainer.D_raw.named_parameters():
         assert torch.equal(v, before[k])  # the bad step touched nothing
     skipper = GANTrainer(load_config(None, TINY + ["train.nan_policy=skip"]))
-    skipper.train_step(_repeat((x_bad, y)))
+    skipper.train_step(repeat((x_bad, y)))
     assert skipper.skipped_steps == 1 and skipper.step == 1

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,11 +11,7 @@ import pytest
 import yaml
 
 from pipelines.tune import SweepError, parse_sweep
-
-ROOT = Path(__file__).resolve().parents[1]
-EXCLUDES = [".venv", ".git", "data", "runs", "mlruns", ".state", "bench/results",
-            "**/__pycache__", ".pytest_cache", ".ruff_cache"]
-
+from tests.fixtures.stack import ROOT, stop_job, submit_job, submitted_job_id
 
 # --------------------------------------------------------------------------- parser
 
@@ -61,14 +54,8 @@ def test_parser_rejects_bad_sections():
 
 
 def _submit(stack, sweep: Path, wait: bool = True):
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
-           "--address", stack.ray_address, "--working-dir", str(ROOT),
-           "--runtime-env-json", json.dumps({"excludes": EXCLUDES})]
-    if not wait:
-        cmd.append("--no-wait")
-    cmd += ["--", "python", "pipelines/tune.py", "--config", str(sweep)]
-    return subprocess.run(cmd, env=stack.environ(), capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
+    return submit_job(stack, ["pipelines/tune.py", "--config", str(sweep)], wait=wait,
+                      timeout=900)
 
 
 @pytest.mark.slow
@@ -96,15 +83,12 @@ def test_sweep_asha_mlflow_and_resume(local_stack, fashion_shards, inception_wei
     # The driver dies mid-sweep (job stopped once a trial has checkpointed) ...
     first = _submit(local_stack, sweep, wait=False)
     assert first.returncode == 0, first.stderr[-3000:]
-    job_id = next(line.split("'")[1] for line in (first.stdout + first.stderr).splitlines()
-                  if "submitted successfully" in line and "'" in line)
+    job_id = submitted_job_id(first)
     deadline = time.time() + 400
     while not list(storage.glob("t-sweep/*/checkpoint_*")):
         assert time.time() < deadline, "no trial checkpoint within 400 s"
         time.sleep(0.5)
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "stop",
-                    "--address", local_stack.ray_address, job_id], env=local_stack.environ(),
-                   capture_output=True, text=True, timeout=120, check=True)
+    stop_job(local_stack, job_id)
 
     # ... and the same command resumes it from its storage path.
     again = _submit(local_stack, sweep)
