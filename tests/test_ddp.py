@@ -1,33 +1,25 @@
 """Two-process DDP (gloo): G, D and EMA weights stay bit-identical across ranks."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from infra.local.s3 import free_port
 from sagan.config import load_config
 from sagan.training import GANTrainer
+from tests.fixtures.tiny import TINY
 
 STEPS = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    cfg = load_config(None, ["model.g_ch=8", "model.d_ch=8", "model.z_dim=16",
-                             "model.num_classes=3", "model.channels=1", "train.batch_size=8",
-                             "train.workers=2", "train.ema_start=2", "train.ema_decay=0.9",
-                             "train.ndis=2"])
+    cfg = load_config(None, [*TINY, "train.workers=2", "train.ndis=2"])
     trainer = GANTrainer(cfg, rank=rank)
     assert trainer.distributed
     init = {k: v.clone() for k, v in trainer.G_raw.state_dict().items()}
@@ -48,7 +40,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_rank_ddp_keeps_weights_identical(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)

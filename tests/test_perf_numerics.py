@@ -4,7 +4,6 @@ and NaN checks, the torch.compile fallback, and the prefetcher. No timing assert
 (bench/ measures speed)."""
 
 import os
-import socket
 import warnings
 
 import pytest
@@ -17,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import sagan.training as training
+from infra.local.s3 import free_port
 from sagan.config import load_config
 from sagan.layers import (
     SN_EPS,
@@ -346,12 +346,6 @@ def test_prefetcher_preserves_order_layout_and_errors():
 
 # --------------------------------------------------------------------------- DDP
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -371,7 +365,7 @@ def _nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_ranks_agree_on_skipping_a_non_finite_step(tmp_path):
-    mp.start_processes(_nan_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_nan_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
