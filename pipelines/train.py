@@ -16,6 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script by `ray job submit`
@@ -27,14 +28,15 @@ DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
 FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
-class PreflightError(RuntimeError):
-    """Something that would make the cluster job fail; reported before any cluster work."""
-
-
 class TrainingStopped(RuntimeError):
     """Training ended without a usable result: a non-finite loss with train.nan_policy=stop
-    (names the step and the last good checkpoint), or a final checkpoint that does not load.
-    One line; exit code 3."""
+    (names the step and the last good checkpoint), or a final checkpoint that does not load
+    (exit code 3); or the workers met an error every retry would meet again, such as data or a
+    checkpoint that does not fit the model (exit code 2). One line."""
+
+    def __init__(self, message: str, exit_code: int = 3):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -86,101 +88,22 @@ def build_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
-# --------------------------------------------------------------------------- preflight
-
-
-def ensure_data(cfg: Config):
-    """The manifest of cfg.data.path; prepares a missing local dataset from
-    `data.prepare_source` on first use (the embedded default)."""
-    from sagan.data import DataError
-    from sagan.datasets import SourceError, ensure_dataset
-
-    path = cfg.data.path
-    is_local = "://" not in path
-    if is_local and not (Path(path) / "manifest.json").is_file() and cfg.data.prepare_source:
-        print(f"preparing {cfg.data.prepare_source} shards in {path} (first use) ...", flush=True)
-    try:
-        manifest = ensure_dataset(cfg.data, cfg.model.image_size, cfg.model.channels)
-    except (DataError, SourceError) as exc:
-        raise PreflightError(f"data.path '{path}': {exc}") from None
-    if manifest.total == 0 or not manifest.shards:
-        raise PreflightError(f"data.path '{path}': the manifest lists no samples")
-    m = cfg.model
-    if manifest.image_size != m.image_size or manifest.channels != m.channels:
-        raise PreflightError(
-            f"data.path '{path}': shards are {manifest.image_size}px x {manifest.channels}ch but "
-            f"model.image_size={m.image_size}, model.channels={m.channels}")
-    if manifest.num_classes != m.num_classes:
-        raise PreflightError(
-            f"data.path '{path}': shards have {manifest.num_classes} classes but "
-            f"model.num_classes={m.num_classes} (set model.num_classes={manifest.num_classes})")
-    return manifest
-
-
-def check_resources(cfg: Config, allow_autoscale: bool) -> None:
-    """Refuse up front when the cluster cannot place the workers (saying what is free)."""
-    import ray
-
-    t = cfg.train
-    need = {"CPU": t.workers * t.cpus_per_worker, "GPU": t.workers * t.gpus_per_worker}
-    total, free = ray.cluster_resources(), ray.available_resources()
-    short = [r for r, n in need.items() if n > 0 and total.get(r, 0) < n]
-    if short and not allow_autoscale:
-        raise PreflightError(
-            f"train.workers={t.workers} x (CPU {t.cpus_per_worker}, GPU {t.gpus_per_worker}) "
-            f"needs CPU {need['CPU']:g}, GPU {need['GPU']:g}; the cluster has CPU "
-            f"{total.get('CPU', 0):g} (free {free.get('CPU', 0):g}), GPU {total.get('GPU', 0):g} "
-            f"(free {free.get('GPU', 0):g}). Lower --workers, or pass --allow-autoscale on an "
-            "autoscaling cluster")
-
-
-def storage(cfg: Config) -> tuple[str, object | None]:
-    """(storage_path, pyarrow filesystem or None). s3:// with a custom endpoint (MinIO, moto)
-    needs an explicit pyarrow S3FileSystem; relative local paths become absolute."""
-    path = cfg.train.storage_path
-    if path.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if not endpoint:
-            return path, None
-        from pyarrow import fs
-
-        scheme = "https" if endpoint.startswith("https") else "http"
-        host = endpoint.split("://", 1)[1].rstrip("/")
-        region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-        return path[len("s3://"):], fs.S3FileSystem(endpoint_override=host, scheme=scheme,
-                                                    region=region)
-    return str(Path(path).expanduser().resolve()), None
-
-
 # --------------------------------------------------------------------------- driver
 
 
-def run_training(cfg: Config, tracking_uri: str | None, register: bool = True,
-                 allow_autoscale: bool = False, parent_run_id: str | None = None,
-                 extra_tags: dict[str, str] | None = None, callbacks: list | None = None,
-                 ) -> TrainOutcome:
-    """Preflight, launch the TorchTrainer, then log/register the final EMA generator."""
-    import ray
+def fit(cfg: Config, tracking_uri: str | None, run_id: str | None,
+        callbacks: list | None = None) -> Any:
+    """Run the TorchTrainer on the connected cluster to its end and return Ray's Result;
+    raises TrainingStopped (one line, marking the MLflow run FAILED) when the workers stopped
+    for good. `cfg`'s local paths must already be absolute (`preflight.localize_paths`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.tracking import check_reachable, find_or_create_run, log_generator
-    from pipelines.train_loop import CHECKPOINT_FILE, STOPPED_KEY, train_loop_per_worker
-
-    if tracking_uri:
-        check_reachable(tracking_uri)
-    ensure_data(cfg)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    check_resources(cfg, allow_autoscale)
-    run_id = None
-    if tracking_uri:
-        run_id, resumed = find_or_create_run(cfg, tracking_uri, parent_run_id, extra_tags)
-        print(f"MLflow run {run_id} ({'continuing' if resumed else 'new'}) at {tracking_uri}",
-              flush=True)
+    from pipelines.ray_cluster import storage_location
+    from pipelines.train_loop import EXIT_KEY, STOPPED_KEY, train_loop_per_worker
 
     t = cfg.train
-    path, filesystem = storage(cfg)
+    path, filesystem = storage_location(t.storage_path)
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -201,15 +124,53 @@ def run_training(cfg: Config, tracking_uri: str | None, register: bool = True,
     metrics = dict(result.metrics or {})
     stopped = result.return_value if isinstance(result.return_value, dict) else {}
     if stopped.get(STOPPED_KEY):
-        last = (f"{result.checkpoint.path} (step {metrics.get('step')})" if result.checkpoint
-                else "none yet")
         if tracking_uri and run_id:
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(tracking_uri)
             client.set_tag(run_id, "sagan.stopped", str(stopped[STOPPED_KEY])[:5000])
             client.set_terminated(run_id, "FAILED")
+        code = int(stopped.get(EXIT_KEY, 3))
+        if code != 3:
+            raise TrainingStopped(str(stopped[STOPPED_KEY]), code)
+        last = (f"{result.checkpoint.path} (step {metrics.get('step')})" if result.checkpoint
+                else "none yet")
         raise TrainingStopped(f"{stopped[STOPPED_KEY]}; last good checkpoint: {last}")
+    return result
+
+
+def run_training(cfg: Config, tracking_uri: str | None, register: bool = True,
+                 allow_autoscale: bool = False, parent_run_id: str | None = None,
+                 extra_tags: dict[str, str] | None = None, callbacks: list | None = None,
+                 ) -> TrainOutcome:
+    """Preflight, launch the TorchTrainer, then log/register the final EMA generator."""
+    from pipelines.preflight import (
+        absolute_tracking_uri,
+        check_resources,
+        ensure_data,
+        localize_paths,
+        refuse_relative_on_many_nodes,
+    )
+    from pipelines.ray_cluster import alive_nodes, connect
+    from pipelines.tracking import check_reachable, find_or_create_run, log_generator
+    from pipelines.train_loop import CHECKPOINT_FILE
+
+    if tracking_uri:
+        tracking_uri = absolute_tracking_uri(tracking_uri)
+        check_reachable(tracking_uri)
+    cfg, relative = localize_paths(cfg)
+    ensure_data(cfg)
+    print(f"training on {connect()}", flush=True)
+    refuse_relative_on_many_nodes(relative, alive_nodes())
+    check_resources(cfg, allow_autoscale)
+    run_id = None
+    if tracking_uri:
+        run_id, resumed = find_or_create_run(cfg, tracking_uri, parent_run_id, extra_tags)
+        print(f"MLflow run {run_id} ({'continuing' if resumed else 'new'}) at {tracking_uri}",
+              flush=True)
+
+    result = fit(cfg, tracking_uri, run_id, callbacks)
+    metrics = dict(result.metrics or {})
     step = int(metrics.get("step", 0))
     version = None
     ckpt_path = result.checkpoint.path if result.checkpoint else None
@@ -232,7 +193,7 @@ def run_training(cfg: Config, tracking_uri: str | None, register: bool = True,
                                 fid=float(fid) if fid is not None else None, step=step)
         print(f"registered models:/{cfg.tracking.registered_model}/{version} "
               f"(now models:/{cfg.tracking.registered_model}@latest) from step {step}", flush=True)
-    if tracking_uri and run_id and step >= t.steps:
+    if tracking_uri and run_id and step >= cfg.train.steps:
         from mlflow.tracking import MlflowClient
 
         MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED")
@@ -241,6 +202,7 @@ def run_training(cfg: Config, tracking_uri: str | None, register: bool = True,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from pipelines.preflight import PreflightError
     from pipelines.tracking import TrackingError, resolve_tracking_uri
 
     try:
@@ -253,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return exc.exit_code
     print(f"done: step {outcome.step}/{cfg.train.steps}; MLflow run {outcome.run_id} at {uri}")
     if outcome.model_version:
         print(f"model: models:/{cfg.tracking.registered_model}@latest "

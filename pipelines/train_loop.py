@@ -24,9 +24,13 @@ from sagan.prefetch import Prefetcher
 from sagan.training import GANTrainer, NonFiniteLossError, to_floats
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# Key of the dict the loop returns (rank 0's reaches the driver as `Result.return_value`) when
-# training stopped on a non-finite loss.
+# Keys of the dict the loop returns (rank 0's reaches the driver as `Result.return_value`) when
+# training stopped for a reason a retry would meet again: the one-line message, and the exit
+# code it maps to (2: the input is wrong, a non-fitting checkpoint included; 3: training
+# diverged). Ray Train V2 retries every worker error up to FailureConfig.max_failures and has
+# no hook for "this one is final", so such errors end the loop normally instead of raising.
 STOPPED_KEY = "stopped"
+EXIT_KEY = "exit_code"
 
 
 def _report_fn():
@@ -137,9 +141,35 @@ def _rank0_outputs(cfg: Config, trainer: GANTrainer, logger: Any, device: torch.
         logger.log_metrics(values, step)
 
 
+def _agree(error: str | None) -> str | None:
+    """The first rank's setup error, as seen by every rank (one all-gather). Every rank must
+    stop together: a rank that went on would wait forever in its first collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def _setup_error(exc: BaseException, cfg: Config) -> str | None:
+    """The one-line message of a setup failure that every retry would meet again (bad config,
+    missing or invalid data, a checkpoint that does not fit the model), else None: storage
+    outages and anything unexpected stay ordinary worker failures, which Ray Train retries."""
+    from sagan.config import ConfigError
+    from sagan.data import DataError, StorageUnreachable
+
+    if isinstance(exc, StorageUnreachable) or not isinstance(
+            exc, ConfigError | DataError | CheckpointError):
+        return None
+    return f"data.path '{cfg.data.path}': {exc}" if isinstance(exc, DataError) else str(exc)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Entry point run by every Ray Train worker (also called in-process by Tune trials).
-    Returns None, or `{STOPPED_KEY: message, "step": n}` when a non-finite loss stopped it."""
+    Returns None, or `{STOPPED_KEY: message, EXIT_KEY: code, "step": n}` when training stopped
+    for good: a setup error every retry would meet again, or a non-finite loss."""
     from sagan.data import load_manifest, train_loader
 
     cfg: Config = config_from_dict(loop_config["config"])
@@ -149,14 +179,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if device.type == "cpu" and t.cpus_per_worker >= 1:
         torch.set_num_threads(int(t.cpus_per_worker))
     trainer = GANTrainer(cfg, device=device, rank=rank)
+    _say(f"[rank {rank}] started: {world} worker(s), {device}")
 
-    ckpt = get_checkpoint()
-    if ckpt is not None:
-        state, path = _newest_loadable(ckpt, Checkpoint, device, rank)
-        restore_trainer(trainer, state, where=f"checkpoint {path}")
-        _say(f"[rank {rank}] resumed from {path} at step {trainer.step}")
-
-    manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
+    error = None
+    try:
+        ckpt = get_checkpoint()
+        if ckpt is not None:
+            state, path = _newest_loadable(ckpt, Checkpoint, device, rank)
+            restore_trainer(trainer, state, where=f"checkpoint {path}")
+            _say(f"[rank {rank}] resumed from {path} at step {trainer.step}")
+        manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
+    except Exception as exc:
+        error = _setup_error(exc, cfg)
+        if error is None:
+            raise
+    error = _agree(error)
+    if error is not None:
+        if os.environ.get("SAGAN_TUNE_INPROCESS") == "1":
+            raise RuntimeError(error)
+        return {STOPPED_KEY: error, EXIT_KEY: 2, "step": trainer.step}
     per_rank = t.batch_size // world
     per_epoch = max(1, manifest.total // t.batch_size)
     loader = train_loader(cfg.data, per_rank, rank=rank, world_size=world,
@@ -188,7 +229,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 # pending; the driver turns rank 0's return value into one clear error.
                 if rank == 0:
                     _say(f"[rank 0] {exc}")
-                return {STOPPED_KEY: str(exc), "step": trainer.step}
+                return {STOPPED_KEY: str(exc), EXIT_KEY: 3, "step": trainer.step}
             step = trainer.step
             do_log = _every(step, t.log_every, t.steps)
             do_ckpt = _every(step, t.ckpt_every, t.steps)

@@ -140,6 +140,10 @@ def parse_sweep(data: dict, where: str = "sweep", cli_overrides: list[str] | Non
     for k in ("num_samples", "max_concurrent_trials", "grace_period", "reduction_factor"):
         if not isinstance(getattr(spec, k), int) or getattr(spec, k) < 1:
             raise SweepError(f"{where}: tune.{k} must be a positive integer")
+    if spec.grace_period * max(base.eval.eval_every, 1) > base.train.steps:
+        raise SweepError(f"{where}: tune.grace_period={spec.grace_period} evaluations x "
+                         f"eval.eval_every={base.eval.eval_every} is more than "
+                         f"train.steps={base.train.steps}")
     return spec
 
 
@@ -178,8 +182,9 @@ def _trainable(trial_params: dict[str, Any]) -> None:
     """One Tune trial = one training run (nested MLflow run under the sweep's parent)."""
     import ray.tune
 
+    from pipelines.preflight import ensure_data
     from pipelines.tracking import find_or_create_run
-    from pipelines.train import ensure_data, run_training
+    from pipelines.train import run_training
     from pipelines.train_loop import train_loop_per_worker
 
     spec: SweepSpec = trial_params.pop("__spec__")
@@ -205,18 +210,28 @@ def _trainable(trial_params: dict[str, Any]) -> None:
 
 def run_sweep(spec: SweepSpec, tracking_uri: str) -> dict[str, Any]:
     """Run (or resume) the sweep; log the summary and register the best generator."""
-    import ray
+    import dataclasses
+
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from pipelines.preflight import (
+        absolute_tracking_uri,
+        ensure_data,
+        localize_paths,
+        refuse_relative_on_many_nodes,
+    )
+    from pipelines.ray_cluster import alive_nodes, connect
     from pipelines.sweep_report import finish_sweep, parent_run
     from pipelines.tracking import check_reachable
-    from pipelines.train import ensure_data
 
+    tracking_uri = absolute_tracking_uri(tracking_uri)
     check_reachable(tracking_uri)
+    base, relative = localize_paths(spec.base)  # trials run in their own directories
+    spec = dataclasses.replace(spec, base=base)
     ensure_data(spec.base)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+    print(f"sweeping on {connect()}", flush=True)
+    refuse_relative_on_many_nodes(relative, alive_nodes())
     parent = parent_run(spec, tracking_uri)
     storage = str(Path(spec.storage_path).expanduser().resolve()) \
         if "://" not in spec.storage_path else spec.storage_path
@@ -260,15 +275,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="overrides applied to the base training config of every trial")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
                    "else ./mlruns sqlite store)")
+    p.add_argument("--storage-path", help="where Tune keeps the sweep's state and checkpoints "
+                   "(tune.storage_path; a sweep found there is resumed)")
     args = p.parse_intermixed_args(argv)
+    from pipelines.preflight import PreflightError
     from pipelines.tracking import TrackingError, resolve_tracking_uri
-    from pipelines.train import PreflightError
 
     try:
         overrides = list(args.overrides)
         if args.tracking_uri:
             overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
         spec = load_sweep(args.config, overrides)
+        if args.storage_path:
+            spec.storage_path = args.storage_path
         uri = resolve_tracking_uri(spec.base, project_dir=Path.cwd())
         summary = run_sweep(spec, uri)
     except (SweepError, ConfigError, TrackingError, PreflightError) as exc:

@@ -7,13 +7,11 @@ then prepared and streamed back; pixels and labels must equal the source after t
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import pickle
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from sagan.datasets import (
     prepare_dataset,
     transform_image,
 )
+from tests.fixtures.sources import cifar10_tarball, cifar_pickle
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, str(ROOT / "pipelines" / "prepare_data.py")]
@@ -89,27 +88,10 @@ def test_mnist_idx_plain_and_gzip(tmp_path: Path) -> None:
         open_source(f"mnist:{gz / 'bad-images-idx3-ubyte'}")
 
 
-def _cifar_pickle(obj: dict) -> bytes:
-    return pickle.dumps({k.encode(): v for k, v in obj.items()}, protocol=2)
-
-
 def test_cifar10_tarball_and_cifar100_directory(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
-        batches[name] = (data, [int(v) for v in rng.integers(0, 10, 4)])
     tgz = tmp_path / "cifar-10-python.tar.gz"
-    with tarfile.open(tgz, "w:gz") as tf:
-        for name, (data, labels) in batches.items():
-            blob = _cifar_pickle({"data": data, "labels": labels})
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tf.addfile(info, io.BytesIO(blob))
-        meta = _cifar_pickle({"label_names": [f"c{i}".encode() for i in range(10)]})
-        info = tarfile.TarInfo("cifar-10-batches-py/batches.meta")
-        info.size = len(meta)
-        tf.addfile(info, io.BytesIO(meta))
+    batches = cifar10_tarball(tgz)
     out = str(tmp_path / "c10")
     m = prepare_dataset(f"cifar10:{tgz}", out, samples_per_shard=8)
     assert (m.total, m.channels, m.class_names[3]) == (20, 3, "c3")
@@ -122,9 +104,9 @@ def test_cifar10_tarball_and_cifar100_directory(tmp_path: Path) -> None:
     d100 = tmp_path / "cifar-100-python"
     d100.mkdir()
     data = rng.integers(0, 256, (6, 3072), dtype=np.uint8)
-    (d100 / "train").write_bytes(_cifar_pickle({"data": data, "fine_labels": [0, 99, 5, 5, 7, 1],
+    (d100 / "train").write_bytes(cifar_pickle({"data": data, "fine_labels": [0, 99, 5, 5, 7, 1],
                                                 "coarse_labels": [0] * 6}))
-    (d100 / "meta").write_bytes(_cifar_pickle(
+    (d100 / "meta").write_bytes(cifar_pickle(
         {"fine_label_names": [f"f{i}".encode() for i in range(100)]}))
     m = prepare_dataset(f"cifar100:{d100}", str(tmp_path / "c100"))
     assert (m.total, m.num_classes, m.class_names[99]) == (6, 100, "f99")
@@ -269,3 +251,31 @@ def test_cli_writes_straight_to_s3(s3_bucket: str) -> None:
     assert m.total == 250 and [s.samples for s in m.shards] == [100, 100, 50]
     assert json.loads(json.dumps(m.to_dict()))["source"].startswith("fashion-mnist:")
     assert sum(len(x) for x, _ in eval_loader(url, 100)) == 250
+
+
+@pytest.mark.slow
+def test_readme_prepare_commands(tmp_path: Path, s3_bucket: str) -> None:
+    """The README's data commands, on small inputs of each kind (and the test's S3 bucket):
+    `python pipelines/prepare_data.py fashion-mnist data/fashion-mnist-32 --image-size 32`
+    (with --limit), `python pipelines/prepare_data.py cifar10:/data/cifar-10-python.tar.gz
+    s3://my-bucket/cifar10-32` and `python pipelines/prepare_data.py
+    imagefolder:/data/imagenet/train s3://my-bucket/in128 --image-size 128`."""
+    cifar = tmp_path / "cifar-10-python.tar.gz"
+    cifar10_tarball(cifar)
+    folder = tmp_path / "imagenet" / "train"
+    for cls, n in (("n01440764", 3), ("n01443537", 2)):
+        (folder / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((40, 60, 3), 40 * i, np.uint8)).save(folder / cls / f"{i}.png")
+    runs = [(["fashion-mnist", "data/fashion-mnist-32", "--image-size", "32", "--limit", "300"],
+             "data/fashion-mnist-32", (300, 32, 1, 10)),
+            ([f"cifar10:{cifar}", f"s3://{s3_bucket}/cifar10-32"],
+             f"s3://{s3_bucket}/cifar10-32", (20, 32, 3, 10)),
+            ([f"imagefolder:{folder}", f"s3://{s3_bucket}/in128", "--image-size", "128"],
+             f"s3://{s3_bucket}/in128", (5, 128, 3, 2))]
+    for args, out, want in runs:
+        r = subprocess.run([*CLI, *args, "--no-progress"], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        m = load_manifest(out if "://" in out else str(tmp_path / out))
+        assert (m.total, m.image_size, m.channels, m.num_classes) == want, out

@@ -100,6 +100,10 @@ def decoy() -> subprocess.Popen:
 @pytest.mark.slow
 def test_up_healthy_up_again_down_leaves_nothing(tmp_path: Path, decoy: subprocess.Popen,
                                                  request: pytest.FixtureRequest) -> None:
+    """The README's `infra/local/up && source .state/env` and `infra/local/down` (with a
+    private state dir and free ports): two racing `up`s start one healthy stack, the env file
+    sources and points at it, `up` again is a no-op, and `down` stops exactly what `up`
+    started."""
     state = tmp_path / "state"
     cfg = StackConfig.with_free_ports(state)
     request.addfinalizer(lambda: shutil.rmtree(str(cfg.ray_temp_dir), ignore_errors=True))
@@ -258,8 +262,9 @@ def test_job_on_local_stack_uses_project_python_and_logs_artifacts_to_s3(
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs the dataset-fashion-mnist package")
 def test_quickstart_trains_and_registers_a_model(local_stack, tmp_path: Path) -> None:
-    """The README's first command, shortened by overrides, against the session's stack: the job
-    completes and the model is registered under the quickstart config's name."""
+    """The README's first command, `make quickstart` (its script, after setup), shortened by
+    overrides, against the session's stack: the job completes and the model is registered under
+    the quickstart config's name."""
     env = local_stack.environ(_clean_env()) | {
         "SAGAN_STATE_DIR": str(local_stack.state_dir),  # `up` finds the running stack: no-op
         "SAGAN_QUICKSTART_LIMIT": "2000",

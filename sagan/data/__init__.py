@@ -28,7 +28,14 @@ counted in :class:`DataStats`. Credential/bucket errors, an endpoint unreachable
 This package never imports ray or mlflow (ARCHITECTURE.md §1).
 """
 
-from .errors import DEFAULT_RETRY, DataError, DataStats, RetryPolicy, ShardReadError
+from .errors import (
+    DEFAULT_RETRY,
+    DataError,
+    DataStats,
+    RetryPolicy,
+    ShardReadError,
+    StorageUnreachable,
+)
 from .loaders import EvalLoader, TrainLoader, eval_loader, train_loader
 from .manifest import (
     FORMAT,
@@ -55,6 +62,7 @@ __all__ = [
     "RetryPolicy",
     "ShardInfo",
     "ShardReadError",
+    "StorageUnreachable",
     "TrainLoader",
     "eval_loader",
     "gopen_s3",

@@ -36,6 +36,11 @@ class DataError(_FixedMessage, RuntimeError):
     """The data cannot be read or written; the message is one line naming the file or field."""
 
 
+class StorageUnreachable(DataError):
+    """Nothing on a stream succeeded for ``RetryPolicy.max_outage_s``: unlike the other DataErrors
+    (no manifest, bad credentials, invalid data), the same read may well work a minute later."""
+
+
 class ShardReadError(_FixedMessage, OSError):
     """One shard cannot be read (after retries); the stream skips it and counts it."""
 
@@ -130,7 +135,7 @@ class Health:
     def check(self, where: str, exc: BaseException) -> None:
         idle = time.monotonic() - self.last_ok
         if idle > self.policy.max_outage_s:
-            raise DataError(f"storage unreachable for {idle:.0f}s while reading {where}: "
+            raise StorageUnreachable(f"storage unreachable for {idle:.0f}s while reading {where}: "
                             f"{describe(exc)}")
 
 

@@ -1,0 +1,149 @@
+"""What the driver checks before any cluster work: local paths, the data, the cluster's room.
+
+Every failure is a `PreflightError` whose message is one line naming the field; the entry
+points print it as `error: ...` and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from sagan.config import Config
+
+
+class PreflightError(RuntimeError):
+    """Something that would make the cluster job fail; reported before any cluster work."""
+
+
+# --------------------------------------------------------------------------- local paths
+
+# Config fields that may name a local file or directory. Ray Train V2 runs each worker in the
+# run's own directory, not where the command was run, so a relative path there names another
+# place (issue 17); the driver makes them absolute before the config reaches any worker.
+LOCAL_PATH_FIELDS = ("data.path", "data.prepare_source", "train.storage_path", "eval.cache_dir",
+                     "eval.inception_weights")
+
+
+def _is_local(value: str) -> bool:
+    return "://" not in value
+
+
+def _absolute(value: str, cwd: Path) -> tuple[str, bool]:
+    """(absolute form, whether `value` was relative); `~` expands, URLs pass unchanged."""
+    if value.startswith("file://"):
+        value = value[len("file://"):]
+    elif not _is_local(value):
+        return value, False
+    path = Path(value).expanduser()
+    return str((cwd / path).resolve() if not path.is_absolute() else path), \
+        not path.is_absolute()
+
+
+def _source_absolute(spec: str, cwd: Path) -> tuple[str, bool]:
+    """`KIND:PATH` prepare-source spec with PATH made absolute (`fashion-mnist` has none)."""
+    kind, sep, path = spec.partition(":")
+    if not sep or not path:
+        return spec, False
+    path, relative = _absolute(path, cwd)
+    return f"{kind}:{path}", relative
+
+
+def localize_paths(cfg: Config, cwd: Path | None = None
+                   ) -> tuple[Config, list[tuple[str, str]]]:
+    """(a copy of `cfg` whose local paths are absolute, the dotted fields that were relative).
+
+    Relative paths are taken relative to `cwd` (default: the directory the command runs in),
+    which is where a user expects `data/fashion-mnist-32` to be."""
+    cwd = Path(cwd or Path.cwd()).resolve()
+    out = copy.deepcopy(cfg)
+    relative: list[tuple[str, str]] = []
+    for dotted in LOCAL_PATH_FIELDS:
+        section, name = dotted.split(".")
+        value = getattr(getattr(out, section), name)
+        if not value:
+            continue
+        fix = _source_absolute if name == "prepare_source" else _absolute
+        new, was_relative = fix(str(value), cwd)
+        setattr(getattr(out, section), name, new)
+        if was_relative:
+            relative.append((dotted, str(value)))
+    return out, relative
+
+
+def absolute_tracking_uri(uri: str, cwd: Path | None = None) -> str:
+    """An MLflow URI whose local store (sqlite:///path, file:path, a bare path) is absolute:
+    rank 0 logs from its own working directory, where a relative store is somewhere else."""
+    cwd = Path(cwd or Path.cwd()).resolve()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        return uri if path.startswith("/") else f"sqlite:///{cwd / path}"
+    if uri.startswith("file:"):
+        path = uri[len("file:"):].removeprefix("//")
+        return uri if path.startswith("/") else Path(cwd / path).as_uri()
+    if "://" not in uri and ":" not in uri.split("/", 1)[0]:
+        return str(cwd / Path(uri).expanduser())
+    return uri
+
+
+def refuse_relative_on_many_nodes(relative: list[tuple[str, str]], nodes: int) -> None:
+    """A path that was relative names a different place on every node of a multi-node
+    cluster (and usually nothing at all on the others): refuse it up front."""
+    if relative and nodes > 1:
+        field, value = relative[0]
+        raise PreflightError(
+            f"{field} '{value}' is a relative local path and the Ray cluster has {nodes} nodes: "
+            "it would name a different place on each; use s3://, or an absolute path on "
+            "storage that every node mounts")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def ensure_data(cfg: Config) -> Any:
+    """The manifest of cfg.data.path; prepares a missing local dataset from
+    `data.prepare_source` on first use (the embedded default)."""
+    from sagan.data import DataError
+    from sagan.datasets import SourceError, ensure_dataset
+
+    path = cfg.data.path
+    is_local = "://" not in path
+    if is_local and not (Path(path) / "manifest.json").is_file() and cfg.data.prepare_source:
+        print(f"preparing {cfg.data.prepare_source} shards in {path} (first use) ...", flush=True)
+    try:
+        manifest = ensure_dataset(cfg.data, cfg.model.image_size, cfg.model.channels)
+    except (DataError, SourceError) as exc:
+        raise PreflightError(f"data.path '{path}': {exc}") from None
+    if manifest.total == 0 or not manifest.shards:
+        raise PreflightError(f"data.path '{path}': the manifest lists no samples")
+    m = cfg.model
+    if manifest.image_size != m.image_size or manifest.channels != m.channels:
+        raise PreflightError(
+            f"data.path '{path}': shards are {manifest.image_size}px x {manifest.channels}ch but "
+            f"model.image_size={m.image_size}, model.channels={m.channels}")
+    if manifest.num_classes != m.num_classes:
+        raise PreflightError(
+            f"data.path '{path}': shards have {manifest.num_classes} classes but "
+            f"model.num_classes={m.num_classes} (set model.num_classes={manifest.num_classes})")
+    return manifest
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+def check_resources(cfg: Config, allow_autoscale: bool) -> None:
+    """Refuse up front when the cluster cannot place the workers (saying what is free)."""
+    import ray
+
+    t = cfg.train
+    need = {"CPU": t.workers * t.cpus_per_worker, "GPU": t.workers * t.gpus_per_worker}
+    total, free = ray.cluster_resources(), ray.available_resources()
+    short = [r for r, n in need.items() if n > 0 and total.get(r, 0) < n]
+    if short and not allow_autoscale:
+        raise PreflightError(
+            f"train.workers={t.workers} x (CPU {t.cpus_per_worker}, GPU {t.gpus_per_worker}) "
+            f"needs CPU {need['CPU']:g}, GPU {need['GPU']:g}; the cluster has CPU "
+            f"{total.get('CPU', 0):g} (free {free.get('CPU', 0):g}), GPU {total.get('GPU', 0):g} "
+            f"(free {free.get('GPU', 0):g}). Lower --workers, or pass --allow-autoscale on an "
+            "autoscaling cluster")

@@ -1,0 +1,73 @@
+"""The Ray cluster a driver works on, and where that cluster keeps a run's checkpoints.
+
+Which cluster (`connect`):
+- `RAY_ADDRESS` holds a cluster address (`ray job submit` sets it for the job's driver; the local
+  stack's env file sets it): join that cluster.
+- otherwise (unset, or an `http://` job-server address, which is meant for `ray job submit`
+  and not for a driver): the *embedded default*. Start a private single-node Ray for this
+  process with `ray.init(address="local")`, never attaching to another Ray instance on the
+  machine, and point every process of it at its own GCS: `RAY_ADDRESS` is set before the start,
+  so the raylet and every worker it spawns inherit it (Ray Train's detached placement-group
+  cleaner otherwise looks the cluster up by scanning for GCS processes, and finds several).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from sagan.data import resolve_endpoint
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def connect() -> str:
+    """Connect this process to its Ray cluster (see the module docstring); returns a short
+    description of which one for the progress line."""
+    import ray
+
+    if ray.is_initialized():
+        return "the Ray cluster this process is already connected to"
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address and not address.startswith(("http://", "https://")):
+        ray.init(address=address, log_to_driver=True)
+        return f"the Ray cluster at {address}"
+    if address:
+        print(f"RAY_ADDRESS={address} is a job-server address (for `ray job submit`), not a "
+              "cluster to join: starting an embedded Ray instead", flush=True)
+    port = _free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # Ray reads it when it starts the GCS
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # another cluster's job server
+    ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True)
+    return f"an embedded local Ray (127.0.0.1:{port})"
+
+
+def alive_nodes() -> int:
+    """Nodes of the connected cluster that are up now."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def storage_location(path: str) -> tuple[str, object | None]:
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig. An s3:// path on a
+    custom endpoint (MinIO, moto: the same endpoint `sagan.data` reads from) needs an explicit
+    pyarrow S3FileSystem; a local path must already be absolute (`preflight.localize_paths`)."""
+    if not path.startswith("s3://"):
+        return str(Path(path)), None
+    endpoint = resolve_endpoint(None)
+    if not endpoint:
+        return path, None
+    from pyarrow import fs
+
+    scheme = "https" if endpoint.startswith("https") else "http"
+    host = endpoint.split("://", 1)[1].rstrip("/")
+    region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    return path[len("s3://"):], fs.S3FileSystem(endpoint_override=host, scheme=scheme,
+                                                region=region)
