@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import boto3
 
-    from sagan.data import load_manifest
-    from sagan.datasets import prepare_dataset
+    from sagan.data import load_manifest, prepare_dataset
 
     with local_s3("bench") as endpoint, \
             tempfile.TemporaryDirectory(prefix="sagan-bench-") as tmp:

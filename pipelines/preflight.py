@@ -104,8 +104,7 @@ def refuse_relative_on_many_nodes(relative: list[tuple[str, str]], nodes: int) -
 def ensure_data(cfg: Config) -> Any:
     """The manifest of cfg.data.path; prepares a missing local dataset from
     `data.prepare_source` on first use (the embedded default)."""
-    from sagan.data import DataError
-    from sagan.datasets import SourceError, ensure_dataset
+    from sagan.data import DataError, ensure_dataset
 
     path = cfg.data.path
     is_local = "://" not in path
@@ -113,7 +112,7 @@ def ensure_data(cfg: Config) -> Any:
         print(f"preparing {cfg.data.prepare_source} shards in {path} (first use) ...", flush=True)
     try:
         manifest = ensure_dataset(cfg.data, cfg.model.image_size, cfg.model.channels)
-    except (DataError, SourceError) as exc:
+    except DataError as exc:  # SourceError included
         raise PreflightError(f"data.path '{path}': {exc}") from None
     if manifest.total == 0 or not manifest.shards:
         raise PreflightError(f"data.path '{path}': the manifest lists no samples")

@@ -4,8 +4,9 @@
     python pipelines/prepare_data.py cifar10:~/Downloads/cifar-10-python.tar.gz s3://bucket/cifar10-32
     python pipelines/prepare_data.py imagefolder:~/photos data/photos-64 --image-size 64
 
-A thin entry point: parsing and error reporting here, all work in ``sagan.datasets`` /
-``sagan.data``. Bad input ends with one line on stderr naming the file or field, exit code 2.
+A thin entry point: parsing and error reporting here, all work in ``sagan.data``
+(``sources``, ``prepare``). Bad input ends with one line on stderr naming the file or field,
+exit code 2.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script by `ray job submit`
     sys.path.insert(0, str(ROOT))
 
-from sagan.data import DataError  # noqa: E402
-from sagan.datasets import FASHION_MNIST_DIR, FITS, prepare_dataset  # noqa: E402
+from sagan.data import FASHION_MNIST_DIR, FITS, DataError, prepare_dataset  # noqa: E402
 
 SOURCES_HELP = f"""\
 source specs (KIND[:PATH]):
@@ -27,6 +27,7 @@ source specs (KIND[:PATH]):
   fashion-mnist:DIR        the same files in another directory
   mnist:DIR                MNIST-format idx pair in DIR:
                            {{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]
+                           (or the {{images,labels}}.idx3-ubyte spelling)
   mnist:FILE               an idx images file (labels file found by name, optional)
   cifar10:PATH             CIFAR-10 python batches: cifar-10-python.tar.gz or its directory
   cifar100:PATH            CIFAR-100 python (fine labels): cifar-100-python.tar.gz or directory

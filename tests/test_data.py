@@ -28,10 +28,12 @@ from sagan.data import (
     ShardInfo,
     eval_loader,
     load_manifest,
+    open_source,
+    prepare_dataset,
     train_loader,
+    transform_image,
     write_shards,
 )
-from sagan.datasets import open_source, prepare_dataset, transform_image
 from tests.fixtures.fashion import FashionSubset, write_fashion_shards
 
 # --------------------------------------------------------------------------- helpers

@@ -19,10 +19,12 @@ import pytest
 from PIL import Image
 
 from sagan.config import DataConfig
-from sagan.data import DataError, eval_loader, load_manifest
-from sagan.datasets import (
+from sagan.data import (
+    DataError,
     SourceError,
     ensure_dataset,
+    eval_loader,
+    load_manifest,
     open_source,
     prepare_dataset,
     transform_image,
@@ -86,6 +88,29 @@ def test_mnist_idx_plain_and_gzip(tmp_path: Path) -> None:
     (gz / "bad-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 7)
     with pytest.raises(SourceError, match="bad-images-idx3-ubyte: not an idx file"):
         open_source(f"mnist:{gz / 'bad-images-idx3-ubyte'}")
+
+
+def test_mnist_dot_spelling_of_extracted_files(tmp_path: Path) -> None:
+    """Many extracted MNIST copies are named train-images.idx3-ubyte (dot before idx): a
+    directory of those, gzipped or not, and the images file itself are accepted alike."""
+    images = np.random.default_rng(2).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([0, 7, 7, 2, 9], dtype=np.uint8)
+    dot = tmp_path / "dot"
+    dot.mkdir()
+    (dot / "train-images.idx3-ubyte").write_bytes(idx_bytes(images))
+    (dot / "train-labels.idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+    (dot / "t10k-images.idx3-ubyte").write_bytes(idx_bytes(images[:2]))
+    for spec, split, n in ((f"mnist:{dot}", "train", 5), (f"mnist:{dot}", "test", 2),
+                           (f"mnist:{dot / 'train-images.idx3-ubyte'}", "train", 5)):
+        src = open_source(spec, split=split)
+        assert len(src) == n and src.images.tobytes() == images[:n].tobytes()
+    assert open_source(f"mnist:{dot}").labels.tolist() == [0, 7, 7, 2, 9]
+    assert open_source(f"mnist:{dot}", split="test").labels is None  # no t10k labels file
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match=r"no train-images-idx3-ubyte\[\.gz\] \(or "
+                                          r"train-images\.idx3-ubyte\)"):
+        open_source(f"mnist:{empty}")
 
 
 def test_cifar10_tarball_and_cifar100_directory(tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ def test_readme_sagan32_two_workers(local_stack, tmp_path):
     """The README's `python pipelines/train.py --config configs/sagan32.yaml train.steps=5000
     --workers 2` as a driver on the stack's cluster (RAY_ADDRESS), made small: 2 steps of a
     width-8 model on CPU workers (--gpus-per-worker 0) over CIFAR-10-format shards in S3."""
-    from sagan.datasets import prepare_dataset
+    from sagan.data import prepare_dataset
 
     url = f"s3://{local_stack.bucket}/cifar10-32"
     cifar10_tarball(tmp_path / "cifar-10-python.tar.gz", per_batch=8)

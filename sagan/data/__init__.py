@@ -18,6 +18,9 @@ Modules, in the order data flows through them:
 * :mod:`.loaders`   train_loader (rank/worker split, resampled, shuffled, ``with_epoch``) and
   eval_loader (one exact pass in manifest order).
 * :mod:`.writer`    write_shards.
+* :mod:`.sources`   readers for the raw datasets (MNIST idx, CIFAR, npz, image folders):
+  ``open_source("KIND:PATH")``.
+* :mod:`.prepare`   raw dataset -> shards: transform_image, prepare_dataset, ensure_dataset.
 
 Failures are counted, never silent, never a hang: a shard that stays unreadable, is not a tar,
 ends early or fails its sha256 is skipped with a warning; corrupt samples are skipped; both are
@@ -46,11 +49,24 @@ from .manifest import (
     ShardInfo,
     load_manifest,
 )
+from .prepare import FITS, ensure_dataset, prepare_dataset, transform_image
+from .sources import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    SOURCE_KINDS,
+    Source,
+    SourceError,
+    open_source,
+)
 from .storage import gopen_s3, open_url, read_bytes, resolve_endpoint, s3_client
 from .writer import write_shards
 
 __all__ = [
     "DEFAULT_RETRY",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "FITS",
+    "SOURCE_KINDS",
     "FORMAT",
     "MANIFEST_NAME",
     "SHARD_PATTERN",
@@ -62,15 +78,21 @@ __all__ = [
     "RetryPolicy",
     "ShardInfo",
     "ShardReadError",
+    "Source",
+    "SourceError",
     "StorageUnreachable",
     "TrainLoader",
+    "ensure_dataset",
     "eval_loader",
     "gopen_s3",
     "load_manifest",
+    "open_source",
     "open_url",
+    "prepare_dataset",
     "read_bytes",
     "resolve_endpoint",
     "s3_client",
     "train_loader",
+    "transform_image",
     "write_shards",
 ]

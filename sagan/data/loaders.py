@@ -181,7 +181,7 @@ def _manifest_for(cfg_or_path: Any, endpoint_url: str | None, manifest: Manifest
     except DataError as exc:
         if getattr(cfg_or_path, "prepare_source", None) and "no manifest.json" in str(exc):
             raise DataError(f"{exc}; data.prepare_source is set: call "
-                            "sagan.datasets.ensure_dataset(cfg.data, image_size, channels) "
+                            "sagan.data.ensure_dataset(cfg.data, image_size, channels) "
                             "first") from None
         raise
 

@@ -1,8 +1,4 @@
-"""Readers for the raw datasets we turn into shards, and the one transform applied to them.
-
-Why a separate module from ``sagan.data``: the streaming pipeline only ever sees shards; these
-readers run once, at preparation time (``pipelines/prepare_data.py``, or ``ensure_dataset`` when
-training's default config prepares Fashion-MNIST on first use).
+"""Readers for the raw datasets that become shards: one `open_source(spec)` per kind.
 
 Source specs (``KIND[:PATH]``):
 
@@ -10,8 +6,9 @@ Source specs (``KIND[:PATH]``):
 ``fashion-mnist``      Fashion-MNIST idx files, default dir /usr/share/datasets/fashion-mnist
 ``fashion-mnist:DIR``  same, another directory
 ``mnist:DIR|FILE``     any MNIST-format idx pair (``{split}-images-idx3-ubyte[.gz]`` and
-                       ``{split}-labels-idx1-ubyte[.gz]``; test split is ``t10k``), or the
-                       images file itself (labels file found by name, optional)
+                       ``{split}-labels-idx1-ubyte[.gz]``, or the ``images.idx3-ubyte`` spelling
+                       of some extracted copies; test split is ``t10k``), or the images file
+                       itself (labels file found by name, optional)
 ``cifar10:PATH``       CIFAR-10 python pickle batches: the ``cifar-10-python.tar.gz`` tarball or
                        the ``cifar-10-batches-py`` directory
 ``cifar100:PATH``      CIFAR-100 python (``cifar-100-python.tar.gz`` or its directory), fine labels
@@ -22,7 +19,8 @@ Source specs (``KIND[:PATH]``):
 =====================  ========================================================================
 
 Every reader error is a :class:`SourceError` (a ``DataError``) whose one-line message names the
-file and the field at fault.
+file and the field at fault. The readers run once, at preparation (:mod:`.prepare`); training
+only ever reads shards.
 """
 
 from __future__ import annotations
@@ -32,14 +30,13 @@ import io
 import os
 import pickle
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from sagan.data import DataError, Manifest, load_manifest, write_shards
+from .errors import DataError
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -47,10 +44,7 @@ __all__ = [
     "SOURCE_KINDS",
     "Source",
     "SourceError",
-    "ensure_dataset",
     "open_source",
-    "prepare_dataset",
-    "transform_image",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -58,14 +52,10 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Shirt", "Sneaker", "Bag", "Ankle boot"]
 SOURCE_KINDS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "npz")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-FITS = ("resize", "crop", "pad")
 
 
 class SourceError(DataError):
     """The raw input is unusable; the message names the file and field."""
-
-
-# --------------------------------------------------------------------------- sources
 
 
 @dataclass
@@ -140,24 +130,29 @@ def _read_idx(path: str, ndim: int) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
-def _find(dirpath: str, stem: str) -> str | None:
-    for name in (stem, stem + ".gz"):
-        p = os.path.join(dirpath, name)
-        if os.path.isfile(p):
-            return p
+def _find(dirpath: str, *stems: str) -> str | None:
+    """The first of `stems` (or its .gz) that is a file in `dirpath`."""
+    for stem in stems:
+        for name in (stem, stem + ".gz"):
+            p = os.path.join(dirpath, name)
+            if os.path.isfile(p):
+                return p
     return None
 
 
 def _mnist(path: str, split: str, class_names: list[str], name: str) -> Source:
     prefix = "t10k" if split == "test" else "train"
     if os.path.isdir(path):
-        images = _find(path, f"{prefix}-images-idx3-ubyte")
-        labels = _find(path, f"{prefix}-labels-idx1-ubyte")
+        # the original files are named train-images-idx3-ubyte; many extracted copies have
+        # train-images.idx3-ubyte
+        images = _find(path, f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte")
+        labels = _find(path, f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte")
         if images is None:
-            raise SourceError(f"{path}: no {prefix}-images-idx3-ubyte[.gz] in this directory")
+            raise SourceError(f"{path}: no {prefix}-images-idx3-ubyte[.gz] (or "
+                              f"{prefix}-images.idx3-ubyte) in this directory")
     elif os.path.isfile(path):
         images = path
-        guess = path.replace("images-idx3", "labels-idx1")
+        guess = path.replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1")
         labels = guess if guess != path and os.path.isfile(guess) else None
     else:
         raise SourceError(f"{path}: no such file or directory")
@@ -374,119 +369,3 @@ def open_source(spec: str, split: str = "train", unconditional: bool = False) ->
     if unconditional:
         src.class_names, src.labels, src.file_labels = [], None, None
     return src
-
-
-# --------------------------------------------------------------------------- transform
-
-
-def transform_image(img: np.ndarray, image_size: int, channels: int,
-                    fit: str = "resize") -> np.ndarray:
-    """The single preparation transform: channel conversion, then geometry.
-
-    ``fit``: ``resize`` scales the longer side to ``image_size`` (aspect kept) and centre-pads
-    the rest with black (a square input is just resized); ``crop`` scales the shorter side and
-    centre-crops; ``pad`` never upscales: smaller images are centre-padded, larger ones behave as
-    ``resize``. Resampling is Lanczos. Returns uint8 (S, S) for channels=1, (S, S, 3) for 3.
-    Public so tests and users can reproduce exactly what the shards contain.
-    """
-    if fit not in FITS:
-        raise SourceError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
-    a = np.asarray(img)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    im = Image.fromarray(a)
-    if channels == 1 and im.mode != "L":
-        im = im.convert("L")
-    elif channels == 3 and im.mode != "RGB":
-        im = im.convert("RGB")
-    w, h = im.size
-    s = image_size
-    if (w, h) != (s, s):
-        if fit == "crop":
-            scale = s / min(w, h)
-        elif fit == "pad" and w <= s and h <= s:
-            scale = 1.0
-        else:
-            scale = s / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        if (nw, nh) != (w, h):
-            im = im.resize((nw, nh), Image.Resampling.LANCZOS)
-        if (nw, nh) != (s, s):
-            canvas = Image.new(im.mode, (s, s))  # black
-            canvas.paste(im, ((s - nw) // 2, (s - nh) // 2))  # negative offsets crop
-            im = canvas
-    return np.asarray(im)
-
-
-# --------------------------------------------------------------------------- prepare
-
-
-def prepare_dataset(source: str, out: str, image_size: int = 32, channels: int | None = None,
-                    grey_to_rgb: bool = False, limit: int | None = None, seed: int = 0,
-                    samples_per_shard: int = 1000, endpoint_url: str | None = None,
-                    split: str = "train", fit: str = "resize", unconditional: bool = False,
-                    progress: bool = False) -> Manifest:
-    """Read `source`, transform, shuffle deterministically with `seed`, write shards to `out`.
-
-    ``channels=None`` keeps the source's (1 for MNIST-likes, 3 for CIFAR/folders);
-    ``grey_to_rgb`` (or channels=3) replicates grey into RGB; channels=1 converts colour to luma.
-    ``limit`` keeps the first N after the shuffle, i.e. a seeded random subset. Sample keys are
-    the source index (``%09d``), so any sample can be traced back.
-    """
-    if image_size <= 0:
-        raise SourceError(f"image_size must be > 0, got {image_size}")
-    if channels not in (None, 1, 3):
-        raise SourceError(f"channels must be 1 or 3, got {channels}")
-    if limit is not None and limit <= 0:
-        raise SourceError(f"limit must be > 0, got {limit}")
-    if fit not in FITS:
-        raise SourceError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
-    src = open_source(source, split=split, unconditional=unconditional)
-    ch = channels or (3 if grey_to_rgb else src.channels)
-    if grey_to_rgb and ch == 1:
-        raise SourceError("grey_to_rgb conflicts with channels=1")
-    order = np.random.default_rng(seed).permutation(len(src))
-    if limit is not None:
-        order = order[:limit]
-
-    def samples() -> Iterator[tuple[np.ndarray, int | None, str]]:
-        for i in order:
-            img, label = src.get(int(i), ch)
-            yield transform_image(img, image_size, ch, fit), label, f"{int(i):09d}"
-
-    items: Any = samples()
-    if progress:
-        from tqdm import tqdm
-
-        items = tqdm(items, total=len(order), unit="img", desc=f"writing {out}")
-    return write_shards(items, out, image_size=image_size, channels=ch,
-                        num_classes=src.num_classes, class_names=src.class_names,
-                        source=f"{src.name} ({split}, seed {seed}, fit {fit})",
-                        samples_per_shard=samples_per_shard, endpoint_url=endpoint_url)
-
-
-def ensure_dataset(data_cfg: Any, image_size: int, channels: int,
-                   samples_per_shard: int = 1000) -> Manifest:
-    """Load ``data_cfg.path``; if it is a local directory without a manifest and
-    ``data_cfg.prepare_source`` is set, prepare it first (once: concurrent callers, e.g. the
-    ranks of one machine, wait on a lock file and then load what the first one wrote)."""
-    path = str(data_cfg.path)
-    endpoint = getattr(data_cfg, "endpoint_url", None)
-    source = getattr(data_cfg, "prepare_source", None)
-    remote = "://" in path and not path.startswith("file://")
-    if remote or not source:
-        return load_manifest(path, endpoint)
-    import fcntl
-
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, ".prepare.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            m = load_manifest(path, endpoint)
-        except DataError:
-            m = prepare_dataset(source, path, image_size=image_size, channels=channels,
-                                samples_per_shard=samples_per_shard)
-    if m.image_size != image_size or m.channels != channels:
-        raise DataError(f"{path}: prepared {m.image_size}px x{m.channels}, "
-                        f"but model needs {image_size}px x{channels}")
-    return m
