@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from sagan.config import Config, ModelConfig
+from sagan.errors import one_line
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
@@ -105,9 +106,8 @@ def _load_mlflow(source: str, device: torch.device, tracking_uri: str | None) ->
                 pass  # not logged by pipelines/tracking.py: try the pickled python object
         obj = mlflow.pytorch.load_model(source, map_location=device)
     except MlflowException as exc:
-        first = " ".join(str(exc).split())[:240]
-        raise ModelSourceError(f"model source '{source}': MLflow could not load it ({first})"
-                               ) from None
+        raise ModelSourceError(f"model source '{source}': MLflow could not load it "
+                               f"({one_line(exc, 240)})") from None
     except OSError as exc:
         raise ModelSourceError(f"model source '{source}': {type(exc).__name__}: {exc}") from None
     G = _as_generator(obj, source)

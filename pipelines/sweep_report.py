@@ -134,11 +134,10 @@ def finish_sweep(spec: Any, results: Any, uri: str, parent: str) -> dict[str, An
         filter_string=f"tags.`sagan.trial_id` = '{row['trial_id']}' and "
                       f"tags.`sagan.sweep` = '{spec.name}'", max_results=1)
     if state is not None and runs:
-        from sagan.checkpoint import checkpoint_config
+        from sagan.checkpoint import checkpoint_config, ema_weights
 
         cfg = checkpoint_config(state)
-        ema = {k[len("module."):]: v for k, v in state["G_ema"].items()
-               if k.startswith("module.")}
+        ema = ema_weights(state)
         summary["version"] = log_generator(
             uri, runs[0].info.run_id, ema, cfg.model, spec.base.tracking.registered_model,
             fid=float(value) if spec.metric == "fid" else None, step=int(state["step"]),

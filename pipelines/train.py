@@ -175,7 +175,7 @@ def run_training(cfg: Config, tracking_uri: str | None, register: bool = True,
     version = None
     ckpt_path = result.checkpoint.path if result.checkpoint else None
     if register and tracking_uri and run_id and result.checkpoint is not None:
-        from sagan.checkpoint import CheckpointError, load_checkpoint
+        from sagan.checkpoint import CheckpointError, ema_weights, load_checkpoint
 
         try:
             with result.checkpoint.as_directory() as d:
@@ -184,8 +184,7 @@ def run_training(cfg: Config, tracking_uri: str | None, register: bool = True,
             raise TrainingStopped(
                 f"the final checkpoint {result.checkpoint.path} is unusable ({exc}); re-run the "
                 "same command to redo the steps since the last good checkpoint") from None
-        ema = {k[len("module."):]: v for k, v in state["G_ema"].items()
-               if k.startswith("module.")}
+        ema = ema_weights(state)
         step = int(state["step"])
         fid = metrics.get("fid")
         version = log_generator(tracking_uri, run_id, ema, cfg.model,

@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 import yaml  # noqa: E402
 
 from sagan.config import Config, ConfigError, config_from_dict, load_config, to_dict  # noqa: E402
+from sagan.errors import one_line  # noqa: E402
 
 # Short names users write in a sweep file -> config fields.
 PARAMS = {
@@ -154,8 +155,7 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | None = None) -> Swee
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise SweepError(f"sweep file '{p}': invalid YAML ({' '.join(str(exc).split())[:160]})") \
-            from None
+        raise SweepError(f"sweep file '{p}': invalid YAML ({one_line(exc, 160)})") from None
     return parse_sweep(data, where=f"sweep file '{p}'", cli_overrides=cli_overrides)
 
 

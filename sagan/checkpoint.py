@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sagan.config import Config, ConfigError, config_from_dict, to_dict
+from sagan.errors import one_line
 from sagan.models import Generator
 
 FORMAT_VERSION = 1
@@ -55,8 +56,7 @@ def _os_reason(exc: BaseException) -> str:
         if isinstance(seen, OSError) and seen.strerror:
             return f"{seen.strerror}, errno {seen.errno}"
         seen = seen.__cause__ or seen.__context__
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return first[:200]
+    return one_line(exc)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -67,8 +67,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint '{path}': unreadable ({first[:200]})") from None
+        raise CheckpointError(f"checkpoint '{path}': unreadable ({one_line(exc)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint '{path}': not a SAGAN checkpoint (top level is "
                               f"{type(state).__name__})")
@@ -116,9 +115,16 @@ def restore_trainer(trainer: Any, state: dict, where: str = "checkpoint") -> Non
     try:
         trainer.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{where}: optimizer/RNG state does not match ({first[:200]})") \
-            from None
+        raise CheckpointError(f"{where}: optimizer/RNG state does not match "
+                              f"({one_line(exc)})") from None
+
+
+def ema_weights(state: dict) -> dict[str, torch.Tensor]:
+    """The EMA generator of a checkpoint as a plain `Generator` state dict. The trainer keeps
+    the EMA in an `AveragedModel`, whose state dict prefixes the generator's keys with
+    `module.` and adds its `n_averaged` counter."""
+    prefix = "module."
+    return {k[len(prefix):]: v for k, v in state["G_ema"].items() if k.startswith(prefix)}
 
 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -127,10 +133,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu",
     state = load_checkpoint(path, map_location=device)
     cfg = checkpoint_config(state, f"checkpoint '{path}'")
     G = Generator(cfg.model).to(device)
-    sd = state["G"]
-    if ema:
-        prefix = "module."
-        sd = {k[len(prefix):]: v for k, v in state["G_ema"].items() if k.startswith(prefix)}
+    sd = ema_weights(state) if ema else state["G"]
     try:
         G.load_state_dict(sd, strict=True)
     except RuntimeError:

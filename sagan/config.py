@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from sagan.errors import one_line
+
 IMAGE_SIZES = (32, 64, 128)
 MIN_ATTENTION_RES = 8  # below 8x8 the 2x2-pooled keys leave too few positions to attend over
 
@@ -251,9 +253,8 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(
-            f"config override {_quote(key)}: cannot parse value {raw[:200]!r} ({first})") from None
+        raise ConfigError(f"config override {_quote(key)}: cannot parse value {raw[:200]!r} "
+                          f"({one_line(exc)})") from None
     except RecursionError:  # PyYAML's composer recurses once per nesting level
         raise ConfigError(f"config override {_quote(key)}: value nested too deeply") from None
     return key.split("."), value
@@ -294,8 +295,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            first = " ".join(str(exc).split())[:200]
-            raise ConfigError(f"config file '{p}': invalid YAML ({first})") from None
+            raise ConfigError(f"config file '{p}': invalid YAML ({one_line(exc)})") from None
         except RecursionError:  # PyYAML's composer recurses once per nesting level
             raise ConfigError(f"config file '{p}': invalid YAML (nested too deeply)") from None
         except UnicodeDecodeError as exc:

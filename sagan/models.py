@@ -164,11 +164,21 @@ class Discriminator(nn.Module):
         return out
 
 
+def unwrap(net: nn.Module) -> nn.Module:
+    """The network under a DDP or AveragedModel wrapper (`.module`) and/or torch.compile's
+    (`._orig_mod`), e.g. to read its attention layers or sample from it."""
+    while True:
+        inner = getattr(net, "_orig_mod", None) or getattr(net, "module", None)
+        if not isinstance(inner, nn.Module):
+            return net
+        net = inner
+
+
 def attention_layers(G: nn.Module, D: nn.Module) -> dict[str, SelfAttention]:
     """Name -> attention block for both nets, e.g. {'g_attn32': ..., 'd_attn16': ...}."""
     out = {}
     for prefix, net in (("g", G), ("d", D)):
-        net = getattr(net, "module", net)
+        net = unwrap(net)
         for res, layer in net.attention.items():
             out[f"{prefix}_attn{res}"] = layer
     return out

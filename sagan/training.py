@@ -1,36 +1,14 @@
-"""One SAGAN training step (ndis D steps + one G step), EMA generator, bf16 autocast.
+"""One SAGAN training step (ndis D steps + one G step), the EMA generator, bf16 autocast.
 
-Works in one process and under DDP (ARCHITECTURE.md §4):
-- the D step is ONE forward of D over cat(real, fake): D is never called twice before a backward,
-  so DDP never sees in-place buffer updates (SN power-iteration vectors) between two forwards;
-- the G step calls the *unwrapped* D with its parameters frozen: D gets no gradient and its DDP
-  reducer is never involved, so D's gradients are all-reduced exactly once per D step;
-- G's BatchNorm running statistics are averaged over ranks after every G step, so G, D and the EMA
-  copy (parameters *and* buffers) stay bit-identical across ranks;
-- the same seed builds the same init on every rank; noise comes from a per-rank torch.Generator.
-
-Performance (docs/PERFORMANCE.md has the numbers):
-- one host sync per `train_step`, not one per loss: with fused Adam, a non-finite loss skips its
-  optimizer update on the device (`found_inf`, the mechanism GradScaler uses), and all the
-  finiteness flags of the step are read back together at its end;
-- the EMA update is two foreach kernels and needs no host sync (AveragedModel's own update reads
-  its `n_averaged` counter back from the device twice per call);
-- `train.channels_last` runs the convs channels_last (NCHW on 4x4 maps, where that is faster) by
-  giving activations and the spectrally normalised weights that layout, while parameters stay
-  contiguous (`sagan.layers.set_channels_last`);
-- `train.fuse_resampling` runs each conv+avgpool of D as one 4x4 stride-2 conv and each
-  upsample+conv of G as one stride-2 transposed conv (same function, 2.25x fewer FLOPs there;
-  `sagan.layers.SNConv2d`);
-- `train.compile` wraps G and D in `torch.compile`; the first step at each new batch shape is
-  guarded, and any failure there (compile errors surface at the first call or the first
-  backward, not at `torch.compile()`) restores the pre-step state and re-runs the step eagerly,
-  with one warning.
+`GANTrainer` runs in one process and under DDP; how it keeps ranks bit-identical (one D forward
+over cat(real, fake), the G step through the unwrapped frozen D, BatchNorm statistics averaged
+over ranks) and what makes it fast (one host sync per step, sync-free EMA, channels_last, fused
+resampling) is explained in docs/ARCHITECTURE.md ("The training step") and docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -51,20 +29,12 @@ Batch = tuple[torch.Tensor, torch.Tensor | None]
 # step, restored when nan_policy=skip drops a step
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
-# Keyword arguments for torch.compile (train.compile=true); tests swap the backend to exercise
-# the eager fallback deterministically.
+# Keyword arguments for torch.compile (train.compile=true); tests choose the backend.
 COMPILE_OPTIONS: dict[str, Any] = {}
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN/Inf; the message names the step (train.nan_policy=stop)."""
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
-    module = getattr(module, "_orig_mod", module)
-    module = getattr(module, "module", module)
-    return getattr(module, "_orig_mod", module)
 
 
 def _distributed() -> bool:
@@ -82,33 +52,6 @@ def _adam(params, lr: float, betas: tuple[float, float],
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(params, lr=lr, betas=betas, foreach=True)
-
-
-class _Replay:
-    """Iterator wrapper that records what it hands out, so a failed step can be re-run on the
-    same batches (the compile fallback)."""
-
-    def __init__(self, source: Iterator[Batch]):
-        self.source: Iterator[Batch] = source
-        self.taken: list[Batch] = []
-
-    def __iter__(self) -> _Replay:
-        return self
-
-    def __next__(self) -> Batch:
-        item = next(self.source)
-        self.taken.append(item)
-        return item
-
-    def rewind(self) -> Iterator[Batch]:
-        """The batches handed out so far, then (still recording) the rest of the source."""
-        yield from list(self.taken)
-        while True:
-            try:
-                item = next(self)
-            except StopIteration:
-                return
-            yield item
 
 
 class GANTrainer:
@@ -140,7 +83,6 @@ class GANTrainer:
         self.ema = AveragedModel(G, multi_avg_fn=get_ema_multi_avg_fn(self.t.ema_decay),
                                  use_buffers=False)
         self.ema.requires_grad_(False)
-        self._ema_count = 0  # host mirror of ema.n_averaged (reading it back would sync)
         betas = (self.t.beta1, self.t.beta2)
         self.opt_g = _adam(G.parameters(), self.t.lr_g, betas, self.device)
         self.opt_d = _adam(D.parameters(), self.t.lr_d, betas, self.device)
@@ -150,9 +92,10 @@ class GANTrainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             G = DDP(G, device_ids=ids)
             D = DDP(D, device_ids=ids)
-        self._G_wrapped, self._D_wrapped = G, D
-        self._compile_pending: set[int] | None = None  # batch sizes run compiled; None: eager
-        self._set_modules(compiled=self.t.compile)
+        # G/D (DDP-wrapped when distributed) for the updates; plain G samples the D step's
+        # fakes and the frozen plain D scores the G step, so neither touches a DDP reducer
+        self.G, self.D, self._G_sample, self._D_frozen = self._compiled(G, D, self.G_raw,
+                                                                        self.D_raw)
         self.d_loss_fn, self.g_loss_fn = get_losses(self.t.loss)
         self.noise = torch.Generator(device=self.device)
         self.noise.manual_seed(self.t.seed * 1_000_003 + 7919 * (rank + 1))
@@ -294,11 +237,6 @@ class GANTrainer:
 
     def train_step(self, batches: Iterator[Batch]) -> dict[str, torch.Tensor]:
         """ndis D steps (each on the next real batch) then one G step; returns detached tensors."""
-        if self._compile_pending is None:
-            return self._train_step(batches)
-        return self._guarded_train_step(batches)
-
-    def _train_step(self, batches: Iterator[Batch]) -> dict[str, torch.Tensor]:
         d_metrics: dict[str, torch.Tensor] = {}
         batch_size = 0
         # a skipped step must leave no trace in G's BatchNorm statistics either (a few KB)
@@ -323,46 +261,17 @@ class GANTrainer:
         self.step += 1
         return metrics
 
-    # ------------------------------------------------------------------ torch.compile fallback
-    def _guarded_train_step(self, batches: Iterator[Batch]) -> dict[str, torch.Tensor]:
-        """A compiled step. The first one at each batch size (where Dynamo/Inductor compile: at
-        the forward and, lazily, at the backward) runs from a snapshot of the whole trainer
-        state; if it fails, the state is restored and the step re-run eagerly on the same
-        batches, and the trainer stays eager from then on (one warning)."""
-        replay = _Replay(batches)
-        size = int(next(replay)[0].shape[0])
-        if size in self._compile_pending:
-            return self._train_step(replay.rewind())
-        snapshot = _host_copy(self.state_dict())  # host RAM: no extra device memory
-        try:
-            metrics = self._train_step(replay.rewind())
-        except (NonFiniteLossError, StopIteration):
-            raise  # genuine outcomes of the step, not compile failures
-        except Exception as exc:  # noqa: BLE001 - any failure of the compiled path
-            self.load_state_dict(snapshot)
-            for opt in (self.opt_g, self.opt_d):
-                opt.zero_grad(set_to_none=True)
-            self._set_modules(compiled=False)
-            metrics = self._train_step(replay.rewind())  # a real bug fails here too, and raises
-            warnings.warn(f"train.compile: the compiled step failed ({_describe(exc)}); "
-                          "continuing in eager mode", RuntimeWarning, stacklevel=3)
-            return metrics
-        self._compile_pending.add(size)
-        return metrics
-
-    def _set_modules(self, compiled: bool) -> None:
-        """Point the step at compiled or eager modules: G/D (DDP-wrapped when distributed) for
-        the updates, plain G for sampling fakes in the D step, plain D for the G step."""
-        G, D = self._G_wrapped, self._D_wrapped
-        G_sample, D_frozen = self.G_raw, self.D_raw
-        if compiled:
-            G, D = _compile(G), _compile(D)
-            G_sample = _compile(self.G_raw) if self.distributed else G
-            D_frozen = _compile(self.D_raw) if self.distributed else D
-            self._compile_pending = set()
-        else:
-            self._compile_pending = None
-        self.G, self.D, self._G_sample, self._D_frozen = G, D, G_sample, D_frozen
+    # ------------------------------------------------------------------ torch.compile
+    def _compiled(self, *modules: nn.Module) -> tuple[nn.Module, ...]:
+        """(G, D, G for sampling, D for the G step), each through torch.compile when
+        train.compile is set (one compiled module per distinct network). No eager fallback: a
+        compile error, at the first call or the first backward, stops training with torch's
+        own error (compile measured no gain on CPU, docs/PERFORMANCE.md; set it on GPUs)."""
+        if not self.t.compile:
+            return modules
+        compiled: dict[int, nn.Module] = {}
+        return tuple(compiled.setdefault(id(m), torch.compile(m, **COMPILE_OPTIONS))
+                     for m in modules)
 
     # ------------------------------------------------------------------ EMA / buffers
     def _sync_bn_stats(self) -> None:
@@ -383,21 +292,20 @@ class GANTrainer:
     @torch.no_grad()
     def _update_ema(self) -> None:
         """EMA of G's parameters; buffers (BN stats, SN u/v) copied from G, as in StudioGAN.
-        Before `ema_start` the EMA simply tracks G (a copy).
+        Before `ema_start` (and at the first step) the EMA simply tracks G (a copy).
 
-        Same arithmetic as `AveragedModel.update_parameters` with the EMA multi_avg_fn (copy,
-        or `_foreach_lerp_(ema, G, 1 - decay)`; `n_averaged += 1`), but the copy/average choice
-        is made from a host-side counter, so no device->host read happens here."""
+        The arithmetic of `AveragedModel.update_parameters` with the EMA multi_avg_fn (copy, or
+        `_foreach_lerp_(ema, G, 1 - decay)`; `n_averaged += 1`), with the copy/average choice
+        taken from the step counter: AveragedModel takes it from `n_averaged`, a device tensor,
+        which costs a device->host read per step."""
         ema_params = list(self.ema.module.parameters())
         g_params = [p.detach() for p in self.G_raw.parameters()]
-        if self.step < self.t.ema_start or self._ema_count == 0:
+        if self.step < self.t.ema_start or self.step == 0:
             torch._foreach_copy_(ema_params, g_params)
             self.ema.n_averaged.fill_(1)
-            self._ema_count = 1
         else:
             torch._foreach_lerp_(ema_params, g_params, 1.0 - self.t.ema_decay)
             self.ema.n_averaged += 1
-            self._ema_count += 1
         torch._foreach_copy_(list(self.ema.module.buffers()), list(self.G_raw.buffers()))
 
     def ema_generator(self, power_iterations: int = 20) -> Generator:
@@ -430,7 +338,6 @@ class GANTrainer:
         self.G_raw.load_state_dict(state["G"])
         self.D_raw.load_state_dict(state["D"])
         self.ema.load_state_dict(state["G_ema"])
-        self._ema_count = int(self.ema.n_averaged.item())
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.step = int(state["step"])
@@ -440,48 +347,6 @@ class GANTrainer:
         self.noise.set_state(rng["noise"].to(self.noise.get_state().device))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _describe(exc: BaseException) -> str:
-    """'Type: first line' of an exception, and of its root cause when it wraps one (Dynamo's
-    BackendCompilerFailed says only "backend='inductor' raised:" on its first line)."""
-    def line(e: BaseException) -> str:
-        text = next((t for t in str(e).splitlines() if t.strip()), "")
-        return f"{type(e).__name__}: {text[:200]}"
-
-    root, seen = exc, {id(exc)}
-    while True:
-        nxt = getattr(root, "inner_exception", None) or root.__cause__
-        if nxt is None or id(nxt) in seen:
-            break
-        root = nxt
-        seen.add(id(root))
-    return line(exc) if root is exc else f"{line(exc)} ... caused by {line(root)}"
-
-
-def _host_copy(obj: Any) -> Any:
-    """Deep copy of a (nested) state dict with every tensor copied to CPU memory."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        out = type(obj)((k, _host_copy(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # module state dicts carry per-module versions
-            out._metadata = copy.deepcopy(obj._metadata)
-        return out
-    if isinstance(obj, list | tuple):
-        return type(obj)(_host_copy(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-def _compile(module: nn.Module) -> nn.Module:
-    """torch.compile(module); if even wrapping fails, warn and keep eager. Most failures only
-    surface at the first call or backward — `GANTrainer._guarded_train_step` handles those."""
-    try:
-        return torch.compile(module, **COMPILE_OPTIONS)
-    except Exception as exc:  # noqa: BLE001 - compile support varies by platform/version
-        warnings.warn(f"train.compile: torch.compile unavailable ({exc}); running eager",
-                      RuntimeWarning, stacklevel=2)
-        return module
 
 
 def to_floats(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, PngImagePlugin
 from torch import nn
 
+from sagan.models import unwrap
+
 GRID_META_KEY = "sagan_grid"
 ATTENTION_META_KEY = "sagan_attention_layout"
 
@@ -45,10 +47,6 @@ class VisualizationError(ValueError):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _unwrap(G: nn.Module) -> nn.Module:
-    return getattr(G, "module", G)
 
 
 def fixed_z(z_dim: int, indices: Sequence[int], seed: int = 0) -> torch.Tensor:
@@ -118,7 +116,7 @@ def sample_grid(G: nn.Module, n_per_class: int | None = None, n: int = 64, seed:
     """
     from torchvision.utils import make_grid
 
-    G = _unwrap(G)
+    G = unwrap(G)
     device = torch.device(device)
     k = int(G.num_classes)
     if k > 0:
@@ -192,7 +190,7 @@ def attention_maps(G: nn.Module, query_points: Sequence[tuple[int, int]], seed: 
     grid cell (class_id, sample_index) of `sample_grid`. A query pixel maps to the layer cell
     that covers it (y * r // S); its row of the softmax map is reshaped to the key grid.
     """
-    G = _unwrap(G)
+    G = unwrap(G)
     device = torch.device(device)
     if not query_points:
         raise VisualizationError("attention_maps: give at least one query point (y, x)")

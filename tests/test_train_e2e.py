@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sagan.checkpoint import ema_weights
 from tests.fixtures.sources import cifar10_tarball
 from tests.fixtures.stack import (
     JOB_TINY,
@@ -100,7 +101,7 @@ def test_job_trains_logs_and_registers(local_stack, stack_shards, inception_weig
     logged = torch.load(next(local.rglob("sagan_generator.pt")), weights_only=True)
     ckpt = _latest_checkpoint(storage / "e2e")
     assert ckpt["step"] == 12
-    ema = {k[len("module."):]: v for k, v in ckpt["G_ema"].items() if k.startswith("module.")}
+    ema = ema_weights(ckpt)
     assert logged.keys() == ema.keys()
     for k in ema:
         assert torch.equal(logged[k], ema[k]), k

@@ -16,6 +16,8 @@ import time
 import urllib.error
 from dataclasses import dataclass
 
+from sagan.errors import one_line
+
 
 class _FixedMessage:
     """An exception whose ``str()`` is the message it was raised with.
@@ -136,7 +138,7 @@ class Health:
         idle = time.monotonic() - self.last_ok
         if idle > self.policy.max_outage_s:
             raise StorageUnreachable(f"storage unreachable for {idle:.0f}s while reading {where}: "
-                            f"{describe(exc)}")
+                            f"{one_line(exc, with_type=True)}")
 
 
 # --------------------------------------------------------------------------- error taxonomy
@@ -194,9 +196,3 @@ def is_fatal(exc: BaseException) -> bool:
         status, code = _client_error_info(exc)
         return code in _FATAL_CODES or status == 403
     return isinstance(exc, urllib.error.HTTPError) and exc.code in (401, 403)
-
-
-def describe(exc: BaseException) -> str:
-    """One line, no traceback: 'ClientError: An error occurred (NoSuchKey) ...'."""
-    text = " ".join(str(exc).split()) or repr(exc)
-    return f"{type(exc).__name__}: {text}"[:300]

@@ -47,7 +47,9 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .errors import Counters, DataError, Health, RetryPolicy, ShardReadError, describe
+from sagan.errors import one_line
+
+from .errors import Counters, DataError, Health, RetryPolicy, ShardReadError
 from .manifest import Manifest, ShardInfo
 from .storage import open_url
 
@@ -186,7 +188,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, ShardReadError):
         return str(exc)
     if isinstance(exc, OSError) and exc.strerror:
-        return describe(exc)
+        return one_line(exc, with_type=True)
     first = str(exc.args[0]).split(" @ ", 1)[0] if exc.args else repr(exc)
     if isinstance(exc, tarfile.TarError):
         return f"tar error: {first}"

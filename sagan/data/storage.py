@@ -30,6 +30,8 @@ from typing import IO, Any
 
 import webdataset as wds
 
+from sagan.errors import one_line
+
 from .errors import (
     DEFAULT_RETRY,
     Counters,
@@ -38,7 +40,6 @@ from .errors import (
     RetryPolicy,
     ShardReadError,
     ShortRead,
-    describe,
     is_fatal,
     is_transient,
 )
@@ -224,16 +225,17 @@ class _ResumableStream(io.RawIOBase):
         if self.closed:  # the consumer went away; its close() broke this read
             raise ShardReadError(f"{self.url}: stream closed")
         if is_fatal(exc):
-            raise DataError(f"cannot read {self.url}: {describe(exc)}") from None
+            raise DataError(f"cannot read {self.url}: {one_line(exc, with_type=True)}") from None
         if not is_transient(exc):
-            raise ShardReadError(f"{self.url}: {describe(exc)}") from exc
+            raise ShardReadError(f"{self.url}: {one_line(exc, with_type=True)}") from exc
         self._failures += 1
         if self._failures >= self._policy.attempts:
             raise ShardReadError(f"{self.url}: still failing after {self._failures} attempts "
-                                 f"at byte {self._pos}: {describe(exc)}") from exc
+                                 f"at byte {self._pos}: {one_line(exc, with_type=True)}") from exc
         self._health.check(self.url, exc)
         self._counters.add("retries")
-        log.info("retrying %s at byte %d after %s", self.url, self._pos, describe(exc))
+        log.info("retrying %s at byte %d after %s", self.url, self._pos,
+                 one_line(exc, with_type=True))
         time.sleep(self._policy.delay(self._failures))
 
     def _close_body(self) -> None:

@@ -16,7 +16,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from .errors import DataError, describe
+from sagan.errors import one_line
+
+from .errors import DataError
 from .manifest import MANIFEST_NAME, SHARD_PATTERN, SHARD_RE, Manifest, ShardInfo
 from .storage import READ_CHUNK, local_path, resolve_endpoint, s3_client, scheme, split_s3
 
@@ -53,10 +55,12 @@ class _Destination:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except bexc.ClientError as exc:
-            raise DataError(f"cannot write to s3://{self.bucket}: {describe(exc)}") from None
+            raise DataError(f"cannot write to s3://{self.bucket}: "
+                            f"{one_line(exc, with_type=True)}") from None
         except bexc.BotoCoreError as exc:
             raise DataError(f"cannot reach S3 for s3://{self.bucket} "
-                            f"(endpoint {self.endpoint_url or 'AWS'}): {describe(exc)}") from None
+                            f"(endpoint {self.endpoint_url or 'AWS'}): "
+                            f"{one_line(exc, with_type=True)}") from None
 
     def tmpdir(self) -> str:
         # Local: inside the output dir, so finished shards move into place with an atomic rename.
@@ -72,7 +76,8 @@ class _Destination:
             yield
         except (OSError, bexc.BotoCoreError, bexc.ClientError,
                 boto3.exceptions.S3UploadFailedError) as exc:
-            raise DataError(f"cannot {what} in {self.out}: {describe(exc)}") from None
+            raise DataError(f"cannot {what} in {self.out}: "
+                            f"{one_line(exc, with_type=True)}") from None
 
     def put_file(self, local: str, name: str) -> None:
         with self._io(f"write {name}"):
