@@ -26,6 +26,6 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) bench/step.py
-	$(PY) bench/attention.py
-	$(PY) bench/data_stream.py
+	$(PY) -m bench.step
+	$(PY) -m bench.attention
+	$(PY) -m bench.data_stream

@@ -1,7 +1,7 @@
 """Peak memory and time of one SAGAN attention layer, forward + backward: SDPA vs the N x N map.
 
-    python bench/attention.py                          # CPU: feat32/64/128, batch 64, C=64
-    python bench/attention.py --device cuda --dtype bf16 --budget-gib 40   # GPU
+    python -m bench.attention                          # CPU: feat32/64/128, batch 64, C=64
+    python -m bench.attention --device cuda --dtype bf16 --budget-gib 40   # GPU
 
 Paths, all on the same layer weights (SelfAttention(C), official pooled form: q/k C/8, v C/2,
 keys/values 2x2 max-pooled, no 1/sqrt(d) scaling), in train mode, gamma = 1, input gradient on:
@@ -27,21 +27,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# isort: off
+# bench.timing first: it sets the OpenMP environment before torch loads
+from bench.timing import RESULTS, environment, interleave, sync, write_json
 
-from bench.timing import RESULTS, environment, interleave, sync, write_json  # noqa: E402, I001
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from sagan.layers import SelfAttention  # noqa: E402
+from sagan.layers import SelfAttention
+# isort: on
 
 MiB = 2 ** 20
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -1,7 +1,7 @@
 """Decoded images/s streamed from S3 (moto on loopback) vs the same shards on local disk.
 
-    python bench/data_stream.py                       # 20k Fashion-MNIST images, 32 px
-    python bench/data_stream.py --limit 60000 --out /tmp/ds.json
+    python -m bench.data_stream                       # 20k Fashion-MNIST images, 32 px
+    python -m bench.data_stream --limit 60000 --out /tmp/ds.json
 
 Both sides run in the same process and the same run, alternating, on byte-identical shards
 (written once locally, then uploaded), so the ratio isolates the storage path: request latency,
@@ -31,11 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from infra.local.s3 import local_s3
 
-from infra.local.s3 import local_s3  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,11 +1,11 @@
 """Full SAGAN training step (D step + G step, optimizers, EMA): ours vs a plain baseline.
 
-    python bench/step.py                      # 64-px preset, its per-device batch (128/4 = 32)
-    python bench/step.py --reps 10 --also nchw unfused --profile 15   # + ablations
-    python bench/step.py --batch 16 --out bench/results/step_batch16.json
-    python bench/step.py --preset 128 --device cuda --steps-per-rep 5   # GPU
+    python -m bench.step                      # 64-px preset, its per-device batch (128/4 = 32)
+    python -m bench.step --reps 10 --also nchw unfused --profile 15   # + ablations
+    python -m bench.step --batch 16 --out bench/results/step_batch16.json
+    python -m bench.step --preset 128 --device cuda --steps-per-rep 5   # GPU
 
-The default batch is the preset's *per-device* batch, `train.batch_size / train.workers` (32 for
+The default batch is the preset's *per-device* batch, `train.batch_size / cluster.workers` (32 for
 the 64 and 128 px presets): what each device of the preset's DDP job steps on.
 
 Both sides build the same architecture from the preset YAML (configs/sagan<N>.yaml; the 64-px
@@ -46,31 +46,32 @@ import argparse
 import copy
 import math
 import os
-import sys
 import time
 import types
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.timing import (  # noqa: E402, I001
+# isort: off
+# bench.timing first: it sets the OpenMP environment before torch loads
+from bench.timing import (
     RESULTS, PeakTracker, environment, interleave, paired_ratio, write_json,
 )
 
-import torch  # noqa: E402
-from torch.nn.utils.parametrizations import _SpectralNorm  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch.nn.utils.parametrizations import _SpectralNorm
+from torch.utils.flop_counter import FlopCounterMode
 
-from sagan.config import Config, load_config  # noqa: E402
-from sagan.layers import (  # noqa: E402
+from pipelines.config import load_run_config
+from sagan.config import Config, load_config
+from sagan.layers import (
     ConditionalBatchNorm2d, FusedSpectralNorm, SelfAttention, set_fused_resampling,
 )
-from sagan.losses import get_losses  # noqa: E402
-from sagan.models import Discriminator, Generator  # noqa: E402
-from sagan.training import GANTrainer  # noqa: E402
+from sagan.losses import get_losses
+from sagan.models import Discriminator, Generator
+from sagan.training import GANTrainer
+# isort: on
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="configs/sagan<N>.yaml presets to run")
     ap.add_argument("--batch", type=int, default=None,
                     help="batch size per step (default: the preset's per-device batch, "
-                         "train.batch_size / train.workers)")
+                         "train.batch_size / cluster.workers)")
     ap.add_argument("--reps", type=int, default=8, help="timed reps per side (interleaved)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed reps per side first")
     ap.add_argument("--steps-per-rep", type=int, default=1,
@@ -255,9 +256,9 @@ def _add_utilisation(result: dict[str, Any], peak: float) -> None:
 def bench_preset(preset: int, args: argparse.Namespace, device: torch.device,
                  peaks: PeakTracker) -> dict[str, Any]:
     path = ROOT / "configs" / f"sagan{preset}.yaml"
-    preset_train = load_config(path).train
-    batch = args.batch or max(1, preset_train.batch_size // preset_train.workers)
-    overrides = ["train.workers=1", "train.ema_start=0", *args.set, f"train.batch_size={batch}"]
+    preset_cfg = load_run_config(path)
+    batch = args.batch or max(1, preset_cfg.train.batch_size // preset_cfg.cluster.workers)
+    overrides = ["train.ema_start=0", *args.set, f"train.batch_size={batch}"]
     base_cfg = load_config(path, overrides)
     batch = base_cfg.train.batch_size
     cl = args.channels_last != "off"

@@ -23,11 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python pipelines/evaluate.py` or by `ray job submit`
-    sys.path.insert(0, str(ROOT))
-
-from sagan.config import Config, ConfigError, config_from_dict, load_config, to_dict, validate  # noqa: E402,I001
+from pipelines.config import PipelineConfig, load_run_config, run_config_from_dict
+from sagan.config import ConfigError, to_dict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,28 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device '{name}': not a torch device (cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device '{name}': CUDA is not available on this machine")
-    return name
-
-
-def build_config(args: argparse.Namespace, ckpt_cfg: Config | None) -> Config:
+def build_config(args: argparse.Namespace, ckpt_cfg: Any) -> PipelineConfig:
     """--config YAML, else the checkpoint's config, else defaults; then overrides and flags."""
     if args.config:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)
     elif ckpt_cfg is not None:
-        cfg = config_from_dict(to_dict(ckpt_cfg), args.overrides)
+        cfg = run_config_from_dict(to_dict(ckpt_cfg), args.overrides)
     else:
-        cfg = load_config(None, args.overrides)
+        cfg = load_run_config(None, args.overrides)
     ev: dict[str, Any] = {}
     for flag, name in (("num_samples", "num_samples"), ("real_samples", "real_samples"),
                        ("batch_size", "batch_size"), ("inception_weights", "inception_weights"),
@@ -101,7 +84,7 @@ def build_config(args: argparse.Namespace, ckpt_cfg: Config | None) -> Config:
     if args.metrics is not None:
         ev["metrics"] = [m.strip() for m in args.metrics.split(",") if m.strip()]
     cfg.eval = dataclasses.replace(cfg.eval, **ev)
-    validate(cfg)
+    cfg.validate()
     if not cfg.eval.metrics:
         raise ConfigError("config field 'eval.metrics': empty; choose from fid, kid, is")
     return cfg
@@ -116,12 +99,10 @@ def log_to_mlflow(uri: str, experiment: str, record: dict[str, Any], out: str | 
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from pipelines.tracking import experiment_id
+
     mlflow.set_tracking_uri(uri)
-    if MlflowClient(uri).get_experiment_by_name(experiment) is None and uri.startswith(
-            "sqlite:///"):  # artifacts next to the database, as pipelines/tracking.py does
-        art = Path(uri[len("sqlite:///"):]).parent / "artifacts"
-        MlflowClient(uri).create_experiment(experiment, artifact_location=art.as_uri())
-    mlflow.set_experiment(experiment)
+    mlflow.set_experiment(experiment_id=experiment_id(MlflowClient(uri), experiment, uri))
     name = f"evaluate-{Path(str(record['model'])).name or 'model'}"[:100]
     with mlflow.start_run(run_name=name, tags={"sagan.kind": "evaluation",
                                                "sagan.model_source": str(record["model"])}) as run:
@@ -140,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from pipelines.model_io import ModelSourceError, load_generator_any
+    from pipelines.model_io import ModelSourceError, load_generator_any, resolve_device
     from sagan.checkpoint import CheckpointError
     from sagan.data import DataError
     from sagan.metrics import (

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from sagan.config import Config, ModelConfig
+from sagan.config import Config, ConfigError, ModelConfig
 from sagan.errors import one_line
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -90,20 +90,17 @@ def _load_mlflow(source: str, device: torch.device, tracking_uri: str | None) ->
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:
-        from pipelines.tracking import TrackingError, load_registered_generator
-    except ImportError:  # tracking helpers not available: fall back to the pickled module
-        load_registered_generator, TrackingError = None, RuntimeError  # type: ignore[assignment]
+    from pipelines.registry import load_registered_generator
+    from pipelines.tracking import TrackingError
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
-        if load_registered_generator is not None:
-            try:
-                G, model_cfg = load_registered_generator(source, device, tracking_uri)
-                return LoadedGenerator(G.eval(), model_cfg, None)
-            except TrackingError:
-                pass  # not logged by pipelines/tracking.py: try the pickled python object
+        try:
+            G, model_cfg = load_registered_generator(source, device, tracking_uri)
+            return LoadedGenerator(G.eval(), model_cfg, None)
+        except TrackingError:
+            pass  # not logged by pipelines/registry.py: try the pickled python object
         obj = mlflow.pytorch.load_model(source, map_location=device)
     except MlflowException as exc:
         raise ModelSourceError(f"model source '{source}': MLflow could not load it "
@@ -117,6 +114,19 @@ def _load_mlflow(source: str, device: torch.device, tracking_uri: str | None) ->
     return LoadedGenerator(G.to(device).eval(), getattr(G, "cfg", None), None)
 
 
+def resolve_device(name: str) -> str:
+    """'auto' -> cuda when available, else cpu; other names are checked (ConfigError)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device '{name}': not a torch device (cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device '{name}': CUDA is not available on this machine")
+    return name
+
+
 def load_generator_any(source: str | os.PathLike, device: str | torch.device = "cpu",
                        tracking_uri: str | None = None) -> LoadedGenerator:
     """(generator in eval mode on `device`, its ModelConfig or None, full Config or None).
@@ -124,16 +134,16 @@ def load_generator_any(source: str | os.PathLike, device: str | torch.device = "
     `source`: a checkpoint file (or a directory holding exactly one), an MLflow model URI
     (`models:/name@alias`, `models:/name/3`, `runs:/<run_id>/generator`) or a local MLflow
     model directory. An MLflow source is read from `tracking_uri`, else $MLFLOW_TRACKING_URI,
-    else the project's local stack (`pipelines.tracking.resolve_tracking_uri`).
+    else the project's sqlite store in ./mlruns (`pipelines.tracking.resolve_tracking_uri`).
     Raises ModelSourceError (one line) when it cannot be loaded.
     """
     source = os.fspath(source)
     device = torch.device(device)
     if is_mlflow_source(source):
         if not tracking_uri:
+            from pipelines.config import load_run_config
             from pipelines.tracking import resolve_tracking_uri
-            from sagan.config import load_config
 
-            tracking_uri = resolve_tracking_uri(load_config(None), project_dir=Path.cwd())
+            tracking_uri = resolve_tracking_uri(load_run_config(None), project_dir=Path.cwd())
         return _load_mlflow(source, device, tracking_uri)
     return _load_checkpoint(source, device)

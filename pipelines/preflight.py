@@ -10,7 +10,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from sagan.config import Config
+from pipelines.config import PipelineConfig
 
 
 class PreflightError(RuntimeError):
@@ -22,8 +22,8 @@ class PreflightError(RuntimeError):
 # Config fields that may name a local file or directory. Ray Train V2 runs each worker in the
 # run's own directory, not where the command was run, so a relative path there names another
 # place (issue 17); the driver makes them absolute before the config reaches any worker.
-LOCAL_PATH_FIELDS = ("data.path", "data.prepare_source", "train.storage_path", "eval.cache_dir",
-                     "eval.inception_weights")
+LOCAL_PATH_FIELDS = ("data.path", "data.prepare_source", "cluster.storage_path",
+                     "eval.cache_dir", "eval.inception_weights")
 
 
 def _is_local(value: str) -> bool:
@@ -50,8 +50,8 @@ def _source_absolute(spec: str, cwd: Path) -> tuple[str, bool]:
     return f"{kind}:{path}", relative
 
 
-def localize_paths(cfg: Config, cwd: Path | None = None
-                   ) -> tuple[Config, list[tuple[str, str]]]:
+def localize_paths(cfg: PipelineConfig, cwd: Path | None = None
+                   ) -> tuple[PipelineConfig, list[tuple[str, str]]]:
     """(a copy of `cfg` whose local paths are absolute, the dotted fields that were relative).
 
     Relative paths are taken relative to `cwd` (default: the directory the command runs in),
@@ -101,7 +101,7 @@ def refuse_relative_on_many_nodes(relative: list[tuple[str, str]], nodes: int) -
 # --------------------------------------------------------------------------- data
 
 
-def ensure_data(cfg: Config) -> Any:
+def ensure_data(cfg: PipelineConfig) -> Any:
     """The manifest of cfg.data.path; prepares a missing local dataset from
     `data.prepare_source` on first use (the embedded default)."""
     from sagan.data import DataError, ensure_dataset
@@ -131,17 +131,17 @@ def ensure_data(cfg: Config) -> Any:
 # --------------------------------------------------------------------------- cluster
 
 
-def check_resources(cfg: Config, allow_autoscale: bool) -> None:
+def check_resources(cfg: PipelineConfig, allow_autoscale: bool) -> None:
     """Refuse up front when the cluster cannot place the workers (saying what is free)."""
     import ray
 
-    t = cfg.train
-    need = {"CPU": t.workers * t.cpus_per_worker, "GPU": t.workers * t.gpus_per_worker}
+    c = cfg.cluster
+    need = {"CPU": c.workers * c.cpus_per_worker, "GPU": c.workers * c.gpus_per_worker}
     total, free = ray.cluster_resources(), ray.available_resources()
     short = [r for r, n in need.items() if n > 0 and total.get(r, 0) < n]
     if short and not allow_autoscale:
         raise PreflightError(
-            f"train.workers={t.workers} x (CPU {t.cpus_per_worker}, GPU {t.gpus_per_worker}) "
+            f"cluster.workers={c.workers} x (CPU {c.cpus_per_worker}, GPU {c.gpus_per_worker}) "
             f"needs CPU {need['CPU']:g}, GPU {need['GPU']:g}; the cluster has CPU "
             f"{total.get('CPU', 0):g} (free {free.get('CPU', 0):g}), GPU {total.get('GPU', 0):g} "
             f"(free {free.get('GPU', 0):g}). Lower --workers, or pass --allow-autoscale on an "

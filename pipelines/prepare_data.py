@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script by `ray job submit`
-    sys.path.insert(0, str(ROOT))
-
-from sagan.data import FASHION_MNIST_DIR, FITS, DataError, prepare_dataset  # noqa: E402
+from sagan.data import FASHION_MNIST_DIR, FITS, DataError, prepare_dataset
 
 SOURCES_HELP = f"""\
 source specs (KIND[:PATH]):

@@ -15,11 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python pipelines/sample.py` or by `ray job submit`
-    sys.path.insert(0, str(ROOT))
 
 
 def parse_query(text: str) -> tuple[int, int]:
@@ -70,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from pipelines.evaluate import resolve_device
-    from pipelines.model_io import ModelSourceError, load_generator_any
+    from pipelines.model_io import ModelSourceError, load_generator_any, resolve_device
     from sagan.checkpoint import CheckpointError
     from sagan.config import ConfigError
     from sagan.visualize import (

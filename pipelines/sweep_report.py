@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.tracking import RUN_NAME_TAG, _experiment_id, log_generator
+from pipelines.registry import log_generator
+from pipelines.tracking import RUN_NAME_TAG, experiment_id
 from sagan.config import flatten
 
 PARENT_TAG = "sagan.sweep_parent"
@@ -24,7 +25,7 @@ PARENT_TAG = "sagan.sweep_parent"
 def parent_run(spec: Any, uri: str) -> str:
     """The sweep's parent run (found again by name when a sweep is resumed)."""
     client = MlflowClient(uri)
-    exp_id = _experiment_id(client, spec.base.tracking.experiment, uri)
+    exp_id = experiment_id(client, spec.base.tracking.experiment, uri)
     found = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{spec.name}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     if found:

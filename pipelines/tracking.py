@@ -1,34 +1,24 @@
-"""MLflow wiring for the pipelines: tracking URI, run lookup/creation, logging, model registry.
+"""MLflow runs for the pipelines: tracking URI, reachability, one run per training, logging.
 
-Only pipelines/ import mlflow. Runs are found again by the tag `sagan.run_name`, so a re-submitted
-job with the same `train.run_name` continues the same MLflow run (one run per training, however
-many restarts it took).
+Runs are found again by the tag `sagan.run_name`, so a re-submitted job with the same
+`cluster.run_name` continues the same MLflow run (one run per training, however many restarts it
+took). Models and the registry: pipelines/registry.py.
 """
 
 from __future__ import annotations
 
-import copy
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import torch
-import yaml
-from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
 
-from sagan.config import Config, ModelConfig, flatten, to_yaml
-from sagan.layers import refresh_spectral_norm
-from sagan.models import Generator
+from pipelines.config import PipelineConfig
+from sagan.config import flatten, to_yaml
 
 # Artifact transfers stream through the tracking server. MLflow >= 3 clients otherwise ask a
 # server with an S3 artifact store for presigned S3 URLs, which carry the *server's* access key
@@ -38,18 +28,14 @@ for _var in ("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "MLFLOW_ENABLE_PROXY_MULT
     os.environ.setdefault(_var, "false")
 
 RUN_NAME_TAG = "sagan.run_name"
-MODEL_STATE_FILE = "sagan_generator.pt"
-MODEL_CONFIG_FILE = "sagan_model.yaml"
-# Environment variables whose values must never reach MLflow params, tags, artifacts or logs.
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
-              "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID")
+STOPPED_TAG = "sagan.stopped"
 
 
 class TrackingError(RuntimeError):
     """MLflow is unreachable or misconfigured; one clear line."""
 
 
-def resolve_tracking_uri(cfg: Config, project_dir: Path | None = None) -> str:
+def resolve_tracking_uri(cfg: PipelineConfig, project_dir: Path | None = None) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else a sqlite store under the project dir
     (sqlite rather than ./mlruns files because the model registry needs a database)."""
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -76,7 +62,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                             "or set tracking.tracking_uri / MLFLOW_TRACKING_URI") from None
 
 
-def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    """The experiment's id, created if needed (with a sqlite store, artifacts go next to the
+    database, not into the working directory)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -87,13 +75,13 @@ def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     return client.create_experiment(name, **kwargs)
 
 
-def find_or_create_run(cfg: Config, uri: str, parent_run_id: str | None = None,
+def find_or_create_run(cfg: PipelineConfig, uri: str, parent_run_id: str | None = None,
                        extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
     """(run_id, resumed): the newest run tagged with this run name, or a new one with the
     resolved config logged as params and as `config.yaml`."""
     client = MlflowClient(uri)
-    exp_id = _experiment_id(client, cfg.tracking.experiment, uri)
-    name = cfg.train.run_name
+    exp_id = experiment_id(client, cfg.tracking.experiment, uri)
+    name = cfg.cluster.run_name
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{name}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     if found:
@@ -138,111 +126,13 @@ class RunLogger:
     def log_image(self, image: Any, artifact_file: str) -> None:
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
 
-    def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
-
-
-class _Sampler(torch.nn.Module):
-    """What is exported: (z, y) -> images, for conditional generators; z -> images otherwise."""
-
-    def __init__(self, G: Generator):
-        super().__init__()
-        self.G = G
-
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.G(z, y)
-
-
-def _export_copy(G: Generator) -> Generator:
-    """Eval-mode copy with spectral norm baked into plain weights (refreshed first)."""
-    G = copy.deepcopy(G).cpu()
-    refresh_spectral_norm(G)
-    G.eval()
-    for m in G.modules():
-        if torch.nn.utils.parametrize.is_parametrized(m, "weight"):
-            torch.nn.utils.parametrize.remove_parametrizations(m, "weight",
-                                                               leave_parametrized=True)
-    return G
-
-
-def log_generator(uri: str, run_id: str, G_state: dict[str, torch.Tensor], model_cfg: ModelConfig,
-                  registered_name: str, fid: float | None = None, step: int | None = None,
-                  aliases: tuple[str, ...] = ()) -> str:
-    """Log the EMA generator as an MLflow model (pt2 graph + signature + input example, plus
-    the exact state_dict and model config as extra files), register it, set aliases, and
-    move `champion` to it when its FID beats the current champion's. Returns the version.
-
-    `latest` is not set by us: MLflow reserves that alias name and resolves
-    `models:/NAME@latest` to the newest version itself, so every registration is `latest`."""
-    G = Generator(model_cfg)
-    G.load_state_dict(G_state)
-    sampler = _Sampler(_export_copy(G)).eval()
-    n = 2
-    z = torch.randn(n, model_cfg.z_dim)
-    inputs = [TensorSpec(np.dtype(np.float32), (-1, model_cfg.z_dim), "z")]
-    example: tuple[torch.Tensor, ...] = (z,)
-    if model_cfg.num_classes > 0:
-        example = (z, torch.arange(n) % model_cfg.num_classes)
-        inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "y"))
-    s = model_cfg.image_size
-    signature = ModelSignature(
-        inputs=Schema(inputs),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model_cfg.channels, s, s))]))
-    mlflow.set_tracking_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        state_path = Path(tmp) / MODEL_STATE_FILE
-        torch.save(G_state, state_path)
-        cfg_path = Path(tmp) / MODEL_CONFIG_FILE
-        cfg_path.write_text(yaml.safe_dump(asdict(model_cfg), sort_keys=False))
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                sampler, name="generator", signature=signature, input_example=example,
-                extra_files=[str(state_path), str(cfg_path)],
-                registered_model_name=registered_name,
-                metadata={"sagan_model": asdict(model_cfg)})
-    version = str(info.registered_model_version)
+def mark_stopped(uri: str, run_id: str, reason: str) -> None:
+    """The run ended without a usable result: FAILED, with the one-line reason as a tag."""
     client = MlflowClient(uri)
-    if fid is not None:
-        client.set_model_version_tag(registered_name, version, "fid", f"{fid:.6f}")
-    if step is not None:
-        client.set_model_version_tag(registered_name, version, "step", str(step))
-    client.set_model_version_tag(registered_name, version, "run_id", run_id)
-    for alias in aliases:
-        client.set_registered_model_alias(registered_name, alias, version)
-    if fid is not None and _beats_champion(client, registered_name, fid):
-        client.set_registered_model_alias(registered_name, "champion", version)
-    return version
+    client.set_tag(run_id, STOPPED_TAG, reason[:5000])
+    client.set_terminated(run_id, "FAILED")
 
 
-def _beats_champion(client: MlflowClient, name: str, fid: float) -> bool:
-    try:
-        champ = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        return True
-    champ_fid = champ.tags.get("fid")
-    return champ_fid is None or fid < float(champ_fid)
-
-
-def load_registered_generator(model_uri: str, device: str | torch.device = "cpu",
-                              tracking_uri: str | None = None) -> tuple[Generator, ModelConfig]:
-    """Rebuild the full `Generator` (attention maps available) from a logged model's extra
-    files: `models:/name@alias`, `runs:/id/generator`, or a local model directory."""
-    from sagan.config import config_from_dict
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    local = Path(model_uri) if Path(model_uri).is_dir() else Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    state_files = list(local.rglob(MODEL_STATE_FILE))
-    cfg_files = list(local.rglob(MODEL_CONFIG_FILE))
-    if not state_files or not cfg_files:
-        raise TrackingError(f"model '{model_uri}': not a SAGAN generator (no {MODEL_STATE_FILE} "
-                            f"/ {MODEL_CONFIG_FILE} in its files)")
-    model_cfg = config_from_dict({"model": yaml.safe_load(cfg_files[0].read_text())}).model
-    G = Generator(model_cfg)
-    G.load_state_dict(torch.load(state_files[0], map_location="cpu", weights_only=True))
-    refresh_spectral_norm(G)
-    return G.to(device).eval(), model_cfg
+def mark_finished(uri: str, run_id: str) -> None:
+    MlflowClient(uri).set_terminated(run_id, "FINISHED")

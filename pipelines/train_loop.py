@@ -1,14 +1,14 @@
-"""The per-worker Ray Train loop: build the trainer, restore, stream shards, step, report.
+"""The training loop every worker runs: build the trainer, restore, stream shards, step, report.
 
-Every rank calls `ray.train.report` at exactly the same steps (checkpoint steps, eval steps and
-the last step: pure functions of the step counter), as Train V2 requires; only rank 0 attaches
-a checkpoint, logs to MLflow, draws samples and computes FID.
+It runs under a `Session` (pipelines/session.py): a Ray Train worker or an in-process Tune trial.
+Every rank reports at exactly the same steps (checkpoint steps, eval steps and the last step:
+pure functions of the step counter), as Train V2 requires, and every rank takes part in each
+evaluation (`evaluate`); rank 0 attaches the checkpoint, logs to MLflow and draws samples.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import tempfile
 import time
@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from pipelines.config import PipelineConfig, run_config_from_dict
+from pipelines.session import Session
 from sagan.checkpoint import CheckpointError, load_checkpoint, restore_trainer, save_checkpoint
-from sagan.config import Config, config_from_dict
 from sagan.prefetch import Prefetcher
 from sagan.training import GANTrainer, NonFiniteLossError, to_floats
 
@@ -31,17 +32,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # no hook for "this one is final", so such errors end the loop normally instead of raising.
 STOPPED_KEY = "stopped"
 EXIT_KEY = "exit_code"
-
-
-def _report_fn():
-    """ray.tune.report inside a Tune trial that runs in-process, else ray.train.report."""
-    if os.environ.get("SAGAN_TUNE_INPROCESS") == "1":
-        import ray.tune
-
-        return ray.tune.report, ray.tune.get_checkpoint, ray.tune.Checkpoint
-    import ray.train
-
-    return ray.train.report, ray.train.get_checkpoint, ray.train.Checkpoint
 
 
 def _say(message: str) -> None:
@@ -65,17 +55,7 @@ def _batches(loader: Any) -> Iterator:
             raise RuntimeError("data loader produced no batches (all shards unreadable?)")
 
 
-def _context() -> tuple[int, int, torch.device]:
-    if os.environ.get("SAGAN_TUNE_INPROCESS") == "1":
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
-
-
-def _newest_loadable(ckpt: Any, checkpoint_cls: Any, device: torch.device, rank: int
-                     ) -> tuple[dict, str]:
+def _newest_loadable(ckpt: Any, device: torch.device, rank: int) -> tuple[dict, str]:
     """(state, path) of Ray's latest checkpoint or, when its file is missing or unreadable,
     of the newest older sibling `checkpoint_*` directory whose file loads.
 
@@ -107,38 +87,13 @@ def _newest_loadable(ckpt: Any, checkpoint_cls: Any, device: torch.device, rank:
     for candidate in older:
         path = posixpath.join(parent, candidate)
         try:
-            state = load(checkpoint_cls(path=path, filesystem=ckpt.filesystem))
+            state = load(type(ckpt)(path=path, filesystem=ckpt.filesystem))
         except CheckpointError:
             continue
         _say(f"[rank {rank}] latest checkpoint {latest} is unusable ({first_error}); "
              f"falling back to {path}")
         return state, path
     raise first_error
-
-
-def _rank0_outputs(cfg: Config, trainer: GANTrainer, logger: Any, device: torch.device,
-                   step: int, values: dict[str, float], *, do_log: bool, do_sample: bool,
-                   do_eval: bool) -> None:
-    """Rank 0's outputs at `step`: the progress line, the EMA sample grid, FID/IS/KID (added to
-    `values`, which the caller then reports to Ray) and the MLflow metrics."""
-    t = cfg.train
-    if do_log:
-        _say(f"step {step}/{t.steps} " + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
-    if do_sample or do_eval:
-        G_ema = trainer.ema_generator()
-    if do_sample and logger is not None:
-        from sagan.visualize import sample_grid
-
-        logger.log_image(sample_grid(G_ema, seed=0, device=device),
-                         f"samples/step_{step:07d}.png")
-    if do_eval:
-        from sagan.metrics import compute_metrics
-
-        values.update(compute_metrics(G_ema, cfg.eval, real=cfg.data.path, device=device,
-                                      num_classes=cfg.model.num_classes,
-                                      endpoint_url=cfg.data.endpoint_url))
-    if logger is not None and (do_log or do_eval):
-        logger.log_metrics(values, step)
 
 
 def _agree(error: str | None) -> str | None:
@@ -153,7 +108,7 @@ def _agree(error: str | None) -> str | None:
     return next((e for e in errors if e), None)
 
 
-def _setup_error(exc: BaseException, cfg: Config) -> str | None:
+def _setup_error(exc: BaseException, cfg: PipelineConfig) -> str | None:
     """The one-line message of a setup failure that every retry would meet again (bad config,
     missing or invalid data, a checkpoint that does not fit the model), else None: storage
     outages and anything unexpected stay ordinary worker failures, which Ray Train retries."""
@@ -166,26 +121,62 @@ def _setup_error(exc: BaseException, cfg: Config) -> str | None:
     return f"data.path '{cfg.data.path}': {exc}" if isinstance(exc, DataError) else str(exc)
 
 
+def evaluate(session: Session, cfg: PipelineConfig, trainer: GANTrainer) -> dict[str, float]:
+    """FID/KID/IS of the EMA generator (eval.metrics). Every rank calls it at every eval step,
+    so the work can be shared out (each rank generating and featurising its part, rank 0
+    scoring); today rank 0 does all of it and the others return {}."""
+    if session.rank != 0:
+        return {}
+    from sagan.metrics import compute_metrics
+
+    return compute_metrics(trainer.ema_generator(), cfg.eval, real=cfg.data.path,
+                           device=session.device, num_classes=cfg.model.num_classes,
+                           endpoint_url=cfg.data.endpoint_url)
+
+
+def _publish(cfg: PipelineConfig, trainer: GANTrainer, logger: Any, device: torch.device,
+             step: int, values: dict[str, float], *, do_log: bool, do_sample: bool,
+             do_eval: bool) -> None:
+    """Rank 0's outputs at `step`: the progress line, the EMA sample grid and, at log and eval
+    steps, the MLflow metrics (`values`, evaluation results included)."""
+    if do_log:
+        _say(f"step {step}/{cfg.train.steps} "
+             + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+    if logger is None:
+        return
+    if do_sample:
+        from sagan.visualize import sample_grid
+
+        logger.log_image(sample_grid(trainer.ema_generator(), seed=0, device=device),
+                         f"samples/step_{step:07d}.png")
+    if do_log or do_eval:
+        logger.log_metrics(values, step)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Entry point run by every Ray Train worker (also called in-process by Tune trials).
+    """Ray Train's entry point on every worker: `run_loop` under a Ray Train session."""
+    return run_loop(Session.for_ray_train(), run_config_from_dict(loop_config["config"]),
+                    loop_config.get("tracking_uri"), loop_config.get("run_id"))
+
+
+def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = None,
+             run_id: str | None = None) -> dict[str, Any] | None:
+    """Train to cfg.train.steps under `session`, logging to the MLflow run `run_id` (rank 0).
     Returns None, or `{STOPPED_KEY: message, EXIT_KEY: code, "step": n}` when training stopped
     for good: a setup error every retry would meet again, or a non-finite loss."""
     from sagan.data import load_manifest, train_loader
 
-    cfg: Config = config_from_dict(loop_config["config"])
-    t = cfg.train
-    report, get_checkpoint, Checkpoint = _report_fn()
-    rank, world, device = _context()
-    if device.type == "cpu" and t.cpus_per_worker >= 1:
-        torch.set_num_threads(int(t.cpus_per_worker))
+    t, rank, device = cfg.train, session.rank, session.device
+    if device.type == "cpu" and cfg.cluster.cpus_per_worker >= 1:
+        torch.set_num_threads(int(cfg.cluster.cpus_per_worker))
     trainer = GANTrainer(cfg, device=device, rank=rank)
-    _say(f"[rank {rank}] started: {world} worker(s), {device}")
+    _say(f"[rank {rank}] started: {session.world_size} worker(s), {device}")
 
     error = None
     try:
-        ckpt = get_checkpoint()
+        ckpt = session.get_checkpoint()
         if ckpt is not None:
-            state, path = _newest_loadable(ckpt, Checkpoint, device, rank)
+            state, path = _newest_loadable(ckpt, device, rank)
             restore_trainer(trainer, state, where=f"checkpoint {path}")
             _say(f"[rank {rank}] resumed from {path} at step {trainer.step}")
         manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
@@ -195,12 +186,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             raise
     error = _agree(error)
     if error is not None:
-        if os.environ.get("SAGAN_TUNE_INPROCESS") == "1":
-            raise RuntimeError(error)
         return {STOPPED_KEY: error, EXIT_KEY: 2, "step": trainer.step}
-    per_rank = t.batch_size // world
+
+    world = session.world_size
     per_epoch = max(1, manifest.total // t.batch_size)
-    loader = train_loader(cfg.data, per_rank, rank=rank, world_size=world,
+    loader = train_loader(cfg.data, t.batch_size // world, rank=rank, world_size=world,
                           batches_per_epoch=per_epoch * t.ndis, seed=t.seed + trainer.step,
                           manifest=manifest)
     stream = _batches(loader)
@@ -210,10 +200,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
               if cfg.data.prefetch > 0 else contextlib.nullcontext(stream))
 
     logger = None
-    if rank == 0 and loop_config.get("tracking_uri") and loop_config.get("run_id"):
+    if rank == 0 and tracking_uri and run_id:
         from pipelines.tracking import RunLogger
 
-        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        logger = RunLogger(tracking_uri, run_id)
 
     with staged as batches:
         last_time, last_step = time.perf_counter(), trainer.step
@@ -221,8 +211,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             try:
                 metrics = trainer.train_step(batches)
             except NonFiniteLossError as exc:
-                if os.environ.get("SAGAN_TUNE_INPROCESS") == "1":
-                    raise  # a Tune trial: let Tune mark it errored
                 # Not a worker failure: FailureConfig would replay the same step from the same
                 # checkpoint max_failures times and then fail with a traceback. The finiteness flag
                 # is all-reduced, so every rank stops here at the same step with no collective
@@ -237,24 +225,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             do_sample = t.sample_every > 0 and _every(step, t.sample_every, t.steps)
             if not (do_log or do_ckpt or do_eval or do_sample):
                 continue
-            values = to_floats(metrics)
             now = time.perf_counter()
-            elapsed = max(now - last_time, 1e-9)
-            values["img_per_s"] = (step - last_step) * t.batch_size * t.ndis / elapsed
-            last_time, last_step = now, step
             stats = loader.stats
-            values.update(skipped_samples=stats.skipped_samples,
-                          skipped_shards=stats.skipped_shards, data_retries=stats.retries,
-                          skipped_steps=trainer.skipped_steps)
-            if rank == 0:
-                _rank0_outputs(cfg, trainer, logger, device, step, values,
-                               do_log=do_log, do_sample=do_sample, do_eval=do_eval)
+            values = {**to_floats(metrics),
+                      "img_per_s": (step - last_step) * t.batch_size * t.ndis
+                      / max(now - last_time, 1e-9),
+                      "skipped_samples": stats.skipped_samples,
+                      "skipped_shards": stats.skipped_shards, "data_retries": stats.retries,
+                      "skipped_steps": trainer.skipped_steps}
+            last_time, last_step = now, step
+            if do_eval:
+                values.update(evaluate(session, cfg, trainer))
+            if rank == 0 and (do_log or do_sample or do_eval):
+                _publish(cfg, trainer, logger, device, step, values, do_log=do_log,
+                         do_sample=do_sample, do_eval=do_eval)
             if not (do_ckpt or do_eval):
                 continue
             values["step"] = step
             if do_ckpt and rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer)
-                    report(values, checkpoint=Checkpoint.from_directory(tmp))
+                    session.report(values, checkpoint_dir=tmp)
             else:
-                report(values)
+                session.report(values)
+    return None

@@ -1,10 +1,10 @@
-"""Typed configuration tree for SAGAN training, loaded from YAML with dotted CLI overrides.
-
-Why dataclasses and not a dict: every consumer (models, training, pipelines) reads typed fields,
-and every invalid value is caught here, once, with an error that names the field — long before a
-Ray cluster spins up or a GPU-hour is spent.
+"""Typed configuration of the model, data, training step and evaluation: YAML + dotted overrides.
 
     cfg = load_config("configs/quickstart.yaml", ["train.lr_d=2e-4", "model.g_attention=[16,32]"])
+
+Every invalid value is caught here, once, with one line naming the field. The loader is generic
+over a dataclass schema: pipelines/config.py extends `Config` with the sections that belong to
+whoever runs training (`cluster`, `tracking`), which this library's schema skips unvalidated.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -66,7 +66,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 64  # global batch, split evenly over `workers`
+    batch_size: int = 64  # global batch, split evenly over the data-parallel workers
     lr_g: float = 1e-4
     lr_d: float = 4e-4
     beta1: float = 0.0
@@ -80,16 +80,9 @@ class TrainConfig:
     channels_last: bool = True  # measured 1.2-1.4x on CPU (docs/PERFORMANCE.md)
     fuse_resampling: bool = True  # conv+pool / upsample+conv as one stride-2 conv (same function)
     seed: int = 0
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
     log_every: int = 50
     ckpt_every: int = 500
     sample_every: int = 500
-    keep_checkpoints: int = 3
-    max_failures: int = 3
-    run_name: str = "sagan"
-    storage_path: str = "runs"
     nan_policy: str = "stop"  # stop: raise naming the step; skip: drop the step and count it
 
 
@@ -105,19 +98,28 @@ class EvalConfig:
 
 
 @dataclass
-class TrackingConfig:
-    tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else ./mlruns
-    experiment: str = "sagan"
-    registered_model: str = "sagan-generator"
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    # Top-level sections that belong to whoever runs training (pipelines/config.py defines
+    # and validates them: workers, resources, failures, storage, MLflow); this schema skips them.
+    RUNNER_SECTIONS: ClassVar[tuple[str, ...]] = ("cluster", "tracking")
+    # Fields that moved out of `train`, at their old dotted names: older configs, checkpoints
+    # and command lines still use these, and every loader reads them at the new place.
+    MOVED: ClassVar[dict[str, str]] = {
+        f"train.{name}": f"cluster.{name}" for name in (
+            "workers", "gpus_per_worker", "cpus_per_worker", "max_failures", "storage_path",
+            "run_name", "keep_checkpoints")}
+
+    def validate(self) -> None:
+        """Raise ConfigError (naming the field) on the first invalid value."""
+        _validate(self)
+
+
+C = TypeVar("C", bound=Config)
 
 
 # --------------------------------------------------------------------------- resolutions
@@ -260,10 +262,32 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def _moved(dotted: str, schema: type[Config]) -> list[str]:
+    """`dotted` at its current place (see Config.MOVED), split into its parts."""
+    return schema.MOVED.get(dotted, dotted).split(".")
+
+
+def _relocate(data: dict, schema: type[Config]) -> dict:
+    """Move fields from their old place (Config.MOVED) to the new one, in a loaded file."""
+    for old, new in schema.MOVED.items():
+        (osec, oname), (nsec, nname) = old.split("."), new.split(".")
+        section = data.get(osec)
+        if not isinstance(section, dict) or oname not in section:
+            continue
+        value, target = section.pop(oname), data.setdefault(nsec, {})
+        if isinstance(target, dict):  # else the new section itself is refused when built
+            if nname in target:
+                raise ConfigError(f"config: {_quote(old)} and {_quote(new)} are the same field "
+                                  f"(it moved); set only {_quote(new)}")
+            target[nname] = value
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str], schema: type[Config] = Config) -> dict:
     """Apply `a.b=value` strings (values parsed as YAML) onto a nested dict, in order."""
     for item in overrides:
         parts, value = _parse_override(item)
+        parts = _moved(".".join(parts), schema)
         node = data
         for part in parts[:-1]:
             child = node.get(part)
@@ -277,16 +301,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
-    """Build and validate a Config from a plain dict (e.g. a logged YAML) plus overrides."""
-    data = apply_overrides(_deepcopy(data or {}), overrides or [])
-    cfg = _build(Config, data, "")
-    validate(cfg)
+def config_from_dict(data: dict, overrides: list[str] | None = None,
+                     schema: type[C] = Config) -> C:  # type: ignore[assignment]
+    """Build and validate a `schema` config (default: this library's) from a plain dict (e.g. a
+    logged YAML) plus overrides; sections the schema leaves to its runner are skipped."""
+    data = _deepcopy(data or {})
+    if isinstance(data, dict):
+        data = _relocate(data, schema)
+    data = apply_overrides(data, overrides or [], schema)
+    for name in schema.RUNNER_SECTIONS:
+        data.pop(name, None)
+    cfg = _build(schema, data, "")
+    cfg.validate()
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load YAML `path` (None: all defaults), apply dotted overrides, validate, return Config."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                schema: type[C] = Config) -> C:  # type: ignore[assignment]
+    """Load YAML `path` (None: all defaults), apply dotted overrides, validate, return a
+    `schema` config (default: this library's `Config`)."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -302,7 +335,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file '{p}': not UTF-8 text ({exc.reason})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{p}': top level must be a mapping")
-    return config_from_dict(data, overrides)
+    return config_from_dict(data, overrides, schema)
 
 
 def _deepcopy(data: Any, budget: list[int] | None = None) -> Any:
@@ -345,69 +378,66 @@ def flatten(cfg: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------- validation
 
 
-def _require(cond: bool, name: str, msg: str) -> None:
+def require(cond: bool, name: str, msg: str) -> None:
+    """ConfigError "config field 'name': msg" unless `cond`."""
     if not cond:
         raise ConfigError(f"config field '{name}': {msg}")
 
 
 def validate(cfg: Config) -> None:
-    """Raise ConfigError (naming the field) on the first invalid value."""
+    """Raise ConfigError (naming the field) on the first invalid value of `cfg`, all of it
+    (a runner's schema adds its own checks to `Config.validate`)."""
+    cfg.validate()
+
+
+def _validate(cfg: Config) -> None:
     m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
-    _require(m.image_size in IMAGE_SIZES, "model.image_size",
+    require(m.image_size in IMAGE_SIZES, "model.image_size",
              f"must be one of {list(IMAGE_SIZES)}, got {m.image_size}")
-    _require(m.channels in (1, 3), "model.channels", f"must be 1 or 3, got {m.channels}")
-    _require(m.num_classes >= 0, "model.num_classes", f"must be >= 0, got {m.num_classes}")
-    _require(m.z_dim > 0, "model.z_dim", f"must be > 0, got {m.z_dim}")
+    require(m.channels in (1, 3), "model.channels", f"must be 1 or 3, got {m.channels}")
+    require(m.num_classes >= 0, "model.num_classes", f"must be >= 0, got {m.num_classes}")
+    require(m.z_dim > 0, "model.z_dim", f"must be > 0, got {m.z_dim}")
     for name, ch in (("model.g_ch", m.g_ch), ("model.d_ch", m.d_ch)):
-        _require(ch >= 8 and ch % 8 == 0, name, f"must be a positive multiple of 8, got {ch}")
-    _require(m.attention_heads >= 1, "model.attention_heads",
+        require(ch >= 8 and ch % 8 == 0, name, f"must be a positive multiple of 8, got {ch}")
+    require(m.attention_heads >= 1, "model.attention_heads",
              f"must be >= 1, got {m.attention_heads}")
     for name, placement, allowed in (
         ("model.g_attention", m.g_attention, g_resolutions(m.image_size)),
         ("model.d_attention", m.d_attention, d_resolutions(m.image_size)),
     ):
         for r in placement:
-            _require(r in allowed, name,
+            require(r in allowed, name,
                      f"resolution {r} does not exist in this network at image_size "
                      f"{m.image_size}; allowed: {allowed}")
-        _require(len(set(placement)) == len(placement), name, f"duplicate entries in {placement}")
+        require(len(set(placement)) == len(placement), name, f"duplicate entries in {placement}")
 
-    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
-    _require(d.loader_workers >= 0, "data.loader_workers", "must be >= 0")
-    _require(d.prefetch >= 0, "data.prefetch", "must be >= 0")
-    _require(bool(d.path), "data.path", "must not be empty")
+    require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    require(d.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+    require(d.prefetch >= 0, "data.prefetch", "must be >= 0")
+    require(bool(d.path), "data.path", "must not be empty")
 
-    _require(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
-    _require(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
-    _require(t.workers >= 1, "train.workers", f"must be >= 1, got {t.workers}")
-    _require(t.batch_size % t.workers == 0, "train.batch_size",
-             f"{t.batch_size} is not divisible by train.workers={t.workers}")
+    require(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    require(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
     for name in ("lr_g", "lr_d"):
         v = getattr(t, name)
-        _require(v > 0 and v == v, f"train.{name}", f"must be > 0, got {v}")
-    _require(0 <= t.beta1 < 1, "train.beta1", f"must be in [0, 1), got {t.beta1}")
-    _require(0 <= t.beta2 < 1, "train.beta2", f"must be in [0, 1), got {t.beta2}")
-    _require(t.ndis >= 1, "train.ndis", f"must be >= 1, got {t.ndis}")
-    _require(t.loss in ("hinge", "ns"), "train.loss", f"must be 'hinge' or 'ns', got {t.loss!r}")
-    _require(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
-    _require(t.ema_start >= 0, "train.ema_start", "must be >= 0")
-    _require(t.amp in ("auto", "bf16", "none"), "train.amp",
+        require(v > 0 and v == v, f"train.{name}", f"must be > 0, got {v}")
+    require(0 <= t.beta1 < 1, "train.beta1", f"must be in [0, 1), got {t.beta1}")
+    require(0 <= t.beta2 < 1, "train.beta2", f"must be in [0, 1), got {t.beta2}")
+    require(t.ndis >= 1, "train.ndis", f"must be >= 1, got {t.ndis}")
+    require(t.loss in ("hinge", "ns"), "train.loss", f"must be 'hinge' or 'ns', got {t.loss!r}")
+    require(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    require(t.ema_start >= 0, "train.ema_start", "must be >= 0")
+    require(t.amp in ("auto", "bf16", "none"), "train.amp",
              f"must be 'auto', 'bf16' or 'none', got {t.amp!r}")
-    _require(t.gpus_per_worker >= 0, "train.gpus_per_worker", "must be >= 0")
-    _require(t.cpus_per_worker > 0, "train.cpus_per_worker", "must be > 0")
     for name in ("log_every", "ckpt_every", "sample_every"):
-        _require(getattr(t, name) >= 0, f"train.{name}", "must be >= 0 (0 disables)")
-    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
-    _require(t.max_failures >= -1, "train.max_failures", "must be >= -1 (-1: unlimited)")
-    _require(bool(t.run_name) and "/" not in t.run_name, "train.run_name",
-             "must be a non-empty name without '/'")
-    _require(t.nan_policy in ("stop", "skip"), "train.nan_policy",
+        require(getattr(t, name) >= 0, f"train.{name}", "must be >= 0 (0 disables)")
+    require(t.nan_policy in ("stop", "skip"), "train.nan_policy",
              f"must be 'stop' or 'skip', got {t.nan_policy!r}")
 
-    _require(e.eval_every >= 0, "eval.eval_every", "must be >= 0 (0 disables)")
-    _require(e.num_samples > 1, "eval.num_samples", "must be > 1")
-    _require(e.real_samples > 1, "eval.real_samples", "must be > 1")
-    _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
+    require(e.eval_every >= 0, "eval.eval_every", "must be >= 0 (0 disables)")
+    require(e.num_samples > 1, "eval.num_samples", "must be > 1")
+    require(e.real_samples > 1, "eval.real_samples", "must be > 1")
+    require(e.batch_size > 0, "eval.batch_size", "must be > 0")
     for i, metric in enumerate(e.metrics):
-        _require(metric in ("fid", "kid", "is"), f"eval.metrics[{i}]",
+        require(metric in ("fid", "kid", "is"), f"eval.metrics[{i}]",
                  f"must be one of fid, kid, is; got {metric!r}")

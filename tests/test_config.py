@@ -45,7 +45,6 @@ def test_overrides_parse_yaml_values():
     (["train.lr_g=0"], "train.lr_g"),
     (["model.g_attention=[128]"], "model.g_attention"),
     (["model.d_attention=[32]"], "model.d_attention"),  # D at 32 px has no 32x32 feature map
-    (["train.batch_size=30", "train.workers=4"], "train.batch_size"),
     (["model.image_size=48"], "model.image_size"),
     (["train.steps=abc"], "train.steps"),
     (["model.g_attention=16"], "model.g_attention"),
@@ -58,6 +57,37 @@ def test_invalid_values_name_their_field(overrides, field):
     msg = str(info.value)
     assert f"'{field}'" in msg
     assert "\n" not in msg
+
+
+def test_batch_must_split_over_workers():
+    """The workers are the runner's (pipelines/config.py): its loader checks the pair."""
+    from pipelines.config import load_run_config
+
+    with pytest.raises(ConfigError) as info:
+        load_run_config(None, ["train.batch_size=30", "train.workers=4"])
+    msg = str(info.value)
+    assert "'train.batch_size'" in msg
+    assert "\n" not in msg
+
+
+def test_runner_sections_and_moved_fields():
+    """The library skips the runner's sections (cluster, tracking) and reads the fields that
+    moved out of `train` (train.workers, ...) at their new place; the runner's loader validates
+    them, under either name."""
+    from pipelines.config import load_run_config
+
+    cfg = load_config("configs/quickstart.yaml", ["train.workers=3", "cluster.bogus=1",
+                                                  "tracking.experiment=[1]"])
+    assert not hasattr(cfg, "cluster") and cfg.train.steps == 300
+    run = load_run_config("configs/quickstart.yaml", ["train.workers=1",
+                                                      "train.storage_path=s3://b/r"])
+    assert (run.cluster.workers, run.cluster.storage_path, run.cluster.run_name) == \
+        (1, "s3://b/r", "quickstart")
+    with pytest.raises(ConfigError, match="'cluster.workers': must be >= 1"):
+        load_run_config(None, ["train.workers=0"])
+    with pytest.raises(ConfigError, match="unknown key 'cluster.bogus'"):
+        load_run_config(None, ["cluster.bogus=1"])
+    assert "cluster.workers" in flatten(run) and "train.workers" not in flatten(run)
 
 
 def test_attention_validated_against_image_size():

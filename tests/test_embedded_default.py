@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.config import load_run_config
 from pipelines.preflight import (
     PreflightError,
     absolute_tracking_uri,
     localize_paths,
     refuse_relative_on_many_nodes,
 )
-from sagan.config import load_config
 from tests.fixtures.stack import ROOT
 
 # Small enough for 2 cores: the quickstart config (2 workers) at width 8.
@@ -86,15 +86,15 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 900
 
 
 def test_local_paths_become_absolute_and_relative_ones_are_named(tmp_path: Path) -> None:
-    cfg = load_config("configs/quickstart.yaml", [
+    cfg = load_run_config("configs/quickstart.yaml", [
         "data.prepare_source=mnist:raw/mnist", "eval.inception_weights=w/inception.pth",
-        "train.storage_path=s3://bucket/runs"])
+        "cluster.storage_path=s3://bucket/runs"])
     out, relative = localize_paths(cfg, cwd=tmp_path)
     assert out.data.path == str(tmp_path / "data" / "fashion-mnist-32")
     assert out.data.prepare_source == f"mnist:{tmp_path / 'raw' / 'mnist'}"
     assert out.eval.inception_weights == str(tmp_path / "w" / "inception.pth")
     assert out.eval.cache_dir == str(Path("~/.cache/sagan/fidelity").expanduser())
-    assert out.train.storage_path == "s3://bucket/runs"  # URLs pass unchanged
+    assert out.cluster.storage_path == "s3://bucket/runs"  # URLs pass unchanged
     assert cfg.data.path == "data/fashion-mnist-32"  # the input is not modified
     assert [f for f, _ in relative] == ["data.path", "data.prepare_source",
                                         "eval.inception_weights"]
@@ -115,7 +115,7 @@ def test_setup_errors_are_final_storage_outages_are_not() -> None:
     from sagan.config import ConfigError
     from sagan.data import DataError, StorageUnreachable
 
-    cfg = load_config(None, ["data.path=s3://b/x"])
+    cfg = load_run_config(None, ["data.path=s3://b/x"])
     assert _setup_error(DataError("no manifest.json at s3://b/x"), cfg) == \
         "data.path 's3://b/x': no manifest.json at s3://b/x"
     assert _setup_error(CheckpointError("checkpoint c: 'G' weights do not match"), cfg)
@@ -138,10 +138,10 @@ def test_worker_side_missing_manifest_stops_at_once_in_one_line(tmp_path: Path) 
     code = f"""
 import sys
 from pipelines.ray_cluster import connect
-from pipelines.train import TrainingStopped, fit
-from sagan.config import load_config
+from pipelines.config import load_run_config
+from pipelines.driver import TrainingStopped, fit
 
-cfg = load_config("configs/quickstart.yaml", {[*SMALL, f"data.path={empty}",
+cfg = load_run_config("configs/quickstart.yaml", {[*SMALL, f"data.path={empty}",
                                               f"train.storage_path={tmp_path / 'runs'}",
                                               "train.run_name=no-manifest"]!r})
 connect()

@@ -28,8 +28,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipelines.config import PipelineConfig as Config  # every section, the runner's included
+from pipelines.config import load_run_config as load_config
 from sagan.checkpoint import CheckpointError, load_checkpoint, restore_trainer, save_checkpoint
-from sagan.config import Config, ConfigError, load_config
+from sagan.config import ConfigError
 from sagan.data import DataError, eval_loader, load_manifest, write_shards
 from sagan.training import GANTrainer
 
@@ -293,7 +295,7 @@ def test_fuzzed_manifest_is_valid_or_clear_error(base_dataset, tmp_path_factory)
 SECTIONS = {name: list(fields) for name, fields in {
     "model": Config().model.__dict__, "data": Config().data.__dict__,
     "train": Config().train.__dict__, "eval": Config().eval.__dict__,
-    "tracking": Config().tracking.__dict__}.items()}
+    "cluster": Config().cluster.__dict__, "tracking": Config().tracking.__dict__}.items()}
 yaml_scalars = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
                 | st.floats() | st.text(max_size=12)
                 | st.sampled_from([".nan", ".inf", "-.inf", "1e400", "0x10", "~", "yes", "[16]",

@@ -314,7 +314,7 @@ def test_ray_cluster_yaml_validates_against_rays_schema() -> None:
     assert len(gpu) == 1 and gpu[0]["min_workers"] == 0 and gpu[0]["max_workers"] >= 1
     assert raw["max_workers"] >= gpu[0]["max_workers"]
     # sagan128's 8 x 1-GPU workers fit in the worker type's capacity
-    sagan128 = yaml.safe_load((ROOT / "configs" / "sagan128.yaml").read_text())["train"]
+    sagan128 = yaml.safe_load((ROOT / "configs" / "sagan128.yaml").read_text())["cluster"]
     assert gpu[0]["max_workers"] * gpu[0]["resources"]["GPU"] >= \
         sagan128["workers"] * sagan128["gpus_per_worker"]
     # the project is synced and installed, and jobs know MLflow and the bucket
@@ -358,7 +358,7 @@ def test_kuberay_rayjob_has_consistent_gpu_worker_group() -> None:
     env = {e["name"] for e in container["env"]}
     assert {"MLFLOW_TRACKING_URI", "SAGAN_DATA_BUCKET"} <= env
     # the job's demand fits the group: sagan128 = workers x gpus_per_worker, cpus_per_worker
-    t = yaml.safe_load((ROOT / "configs" / "sagan128.yaml").read_text())["train"]
+    t = yaml.safe_load((ROOT / "configs" / "sagan128.yaml").read_text())["cluster"]
     assert g["replicas"] * gpus >= t["workers"] * t["gpus_per_worker"]
     per_pod = gpus // t["gpus_per_worker"]
     assert per_pod * t["cpus_per_worker"] <= int(g["rayStartParams"]["num-cpus"])

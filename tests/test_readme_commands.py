@@ -62,7 +62,7 @@ DOC_ONLY = {
     "'{\"excludes\": [\"/.git/\", \"/.venv/\", \"/.state/\", \"/data/\", \"/runs/\", "
     "\"/mlruns/\"]}' -- python pipelines/train.py --config configs/sagan128.yaml "
     "'data.path=s3://$SAGAN_DATA_BUCKET/imagenet-128' "
-    "'train.storage_path=s3://$SAGAN_DATA_BUCKET/ray-results'":
+    "'cluster.storage_path=s3://$SAGAN_DATA_BUCKET/ray-results'":
         "AWS cluster from `ray up` with GPU workers",
     "ray down -y ray_cluster.yaml": "AWS cluster from `ray up`",
 }

@@ -163,7 +163,7 @@ def test_preflight_errors_are_clear_and_early(local_stack, stack_shards):
     too_many = run(*JOB_TINY, f"data.path={stack_shards}", "--workers", "16",
                    "train.batch_size=64", "--run-name", "too-many")
     assert too_many.returncode == 2
-    assert "train.workers=16" in too_many.stderr and "free" in too_many.stderr
+    assert "cluster.workers=16" in too_many.stderr and "free" in too_many.stderr
     assert not runs_named(local_stack, "too-many")  # nothing was created in MLflow
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.tune import SweepError, parse_sweep
+from pipelines.sweep import SweepError, parse_sweep
 from tests.fixtures.stack import ROOT, stop_job, submit_job, submitted_job_id
 
 # --------------------------------------------------------------------------- parser

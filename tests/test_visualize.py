@@ -230,8 +230,8 @@ def test_load_generator_any_plain_pickled_mlflow_model(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sample_cli_from_registered_model_alias(tmp_path: Path) -> None:
-    """models:/NAME@latest logged by pipelines/tracking.py -> sample.py grid + attention."""
-    from pipelines.tracking import log_generator
+    """models:/NAME@latest logged by pipelines/registry.py -> sample.py grid + attention."""
+    from pipelines.registry import log_generator
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     import mlflow

@@ -88,13 +88,13 @@ echo "(Ctrl-C stops following the logs, not the job: 'ray job stop <id>' stops i
 # The working dir is uploaded to the cluster; keep environments, state and outputs out of it
 # (.gitignore is honoured too; these are listed so a custom .gitignore cannot bloat uploads).
 # Checkpoints go to <repo>/runs (absolute: the job runs in a copy of the working dir), so a
-# re-run with the same train.run_name resumes; later arguments override any of this.
+# re-run with the same cluster.run_name resumes; later arguments override any of this.
 EXCLUDES='{"excludes": ["/.git/", "/.venv/", "/.state/", "/data/", "/runs/", "/mlruns/", "/bench/results/"]}'
 SUBMISSION_ID="quickstart-$(date +%Y%m%d-%H%M%S)"
 if ! ray job submit --address "$RAY_API_SERVER_ADDRESS" --submission-id "$SUBMISSION_ID" \
     --working-dir . --runtime-env-json "$EXCLUDES" \
     -- python pipelines/train.py --config "$CONFIG" "data.path=$DATA" \
-       "train.storage_path=$ROOT/runs" "$@"; then
+       "cluster.storage_path=$ROOT/runs" "$@"; then
   die "the training job failed; logs: ray job logs --address $RAY_API_SERVER_ADDRESS $SUBMISSION_ID"
 fi
 
@@ -106,10 +106,10 @@ import sys
 
 from mlflow import MlflowClient
 
-from sagan.config import load_config
+from pipelines.config import load_run_config
 
 overrides = [a for a in sys.argv[2:] if "=" in a and not a.startswith("-")]
-cfg = load_config(sys.argv[1], overrides)
+cfg = load_run_config(sys.argv[1], overrides)
 name = cfg.tracking.registered_model
 uri = os.environ["MLFLOW_TRACKING_URI"]
 print(f"MLflow UI:         {uri}   (experiment '{cfg.tracking.experiment}')")

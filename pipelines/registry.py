@@ -1,0 +1,132 @@
+"""The EMA generator as an MLflow model: export, registration with aliases, and loading back.
+
+What is logged: a pt2 graph of the generator with spectral norm baked in (signature and input
+example; `mlflow.pytorch.load_model` gives a module taking z, and y when conditional), plus its
+exact state dict and model config as extra files, from which `load_registered_generator`
+rebuilds the full `sagan.models.Generator` (attention maps included).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
+
+from pipelines.tracking import TrackingError
+from sagan.config import ModelConfig, config_from_dict
+from sagan.layers import refresh_spectral_norm
+from sagan.models import Generator
+
+MODEL_STATE_FILE = "sagan_generator.pt"
+MODEL_CONFIG_FILE = "sagan_model.yaml"
+
+
+class _Sampler(torch.nn.Module):
+    """What is exported: (z, y) -> images, for conditional generators; z -> images otherwise."""
+
+    def __init__(self, G: Generator):
+        super().__init__()
+        self.G = G
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.G(z, y)
+
+
+def _export_copy(G: Generator) -> Generator:
+    """Eval-mode copy with spectral norm baked into plain weights (refreshed first)."""
+    G = copy.deepcopy(G).cpu()
+    refresh_spectral_norm(G)
+    G.eval()
+    for m in G.modules():
+        if torch.nn.utils.parametrize.is_parametrized(m, "weight"):
+            torch.nn.utils.parametrize.remove_parametrizations(m, "weight",
+                                                               leave_parametrized=True)
+    return G
+
+
+def log_generator(uri: str, run_id: str, G_state: dict[str, torch.Tensor], model_cfg: ModelConfig,
+                  registered_name: str, fid: float | None = None, step: int | None = None,
+                  aliases: tuple[str, ...] = ()) -> str:
+    """Log the EMA generator as an MLflow model (pt2 graph + signature + input example, plus
+    the exact state_dict and model config as extra files), register it, set aliases, and
+    move `champion` to it when its FID beats the current champion's. Returns the version.
+
+    `latest` is not set by us: MLflow reserves that alias name and resolves
+    `models:/NAME@latest` to the newest version itself, so every registration is `latest`."""
+    G = Generator(model_cfg)
+    G.load_state_dict(G_state)
+    sampler = _Sampler(_export_copy(G)).eval()
+    n = 2
+    z = torch.randn(n, model_cfg.z_dim)
+    inputs = [TensorSpec(np.dtype(np.float32), (-1, model_cfg.z_dim), "z")]
+    example: tuple[torch.Tensor, ...] = (z,)
+    if model_cfg.num_classes > 0:
+        example = (z, torch.arange(n) % model_cfg.num_classes)
+        inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "y"))
+    s = model_cfg.image_size
+    signature = ModelSignature(
+        inputs=Schema(inputs),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model_cfg.channels, s, s))]))
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        state_path = Path(tmp) / MODEL_STATE_FILE
+        torch.save(G_state, state_path)
+        cfg_path = Path(tmp) / MODEL_CONFIG_FILE
+        cfg_path.write_text(yaml.safe_dump(asdict(model_cfg), sort_keys=False))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                sampler, name="generator", signature=signature, input_example=example,
+                extra_files=[str(state_path), str(cfg_path)],
+                registered_model_name=registered_name,
+                metadata={"sagan_model": asdict(model_cfg)})
+    version = str(info.registered_model_version)
+    client = MlflowClient(uri)
+    if fid is not None:
+        client.set_model_version_tag(registered_name, version, "fid", f"{fid:.6f}")
+    if step is not None:
+        client.set_model_version_tag(registered_name, version, "step", str(step))
+    client.set_model_version_tag(registered_name, version, "run_id", run_id)
+    for alias in aliases:
+        client.set_registered_model_alias(registered_name, alias, version)
+    if fid is not None and _beats_champion(client, registered_name, fid):
+        client.set_registered_model_alias(registered_name, "champion", version)
+    return version
+
+
+def _beats_champion(client: MlflowClient, name: str, fid: float) -> bool:
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return True
+    champ_fid = champ.tags.get("fid")
+    return champ_fid is None or fid < float(champ_fid)
+
+
+def load_registered_generator(model_uri: str, device: str | torch.device = "cpu",
+                              tracking_uri: str | None = None) -> tuple[Generator, ModelConfig]:
+    """Rebuild the full `Generator` (attention maps available) from a logged model's extra
+    files: `models:/name@alias`, `runs:/id/generator`, or a local model directory."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    local = Path(model_uri) if Path(model_uri).is_dir() else Path(
+        mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    state_files = list(local.rglob(MODEL_STATE_FILE))
+    cfg_files = list(local.rglob(MODEL_CONFIG_FILE))
+    if not state_files or not cfg_files:
+        raise TrackingError(f"model '{model_uri}': not a SAGAN generator (no {MODEL_STATE_FILE} "
+                            f"/ {MODEL_CONFIG_FILE} in its files)")
+    model_cfg = config_from_dict({"model": yaml.safe_load(cfg_files[0].read_text())}).model
+    G = Generator(model_cfg)
+    G.load_state_dict(torch.load(state_files[0], map_location="cpu", weights_only=True))
+    refresh_spectral_norm(G)
+    return G.to(device).eval(), model_cfg
