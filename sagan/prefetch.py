@@ -1,16 +1,9 @@
-"""Overlap data loading with compute: a background thread that stages the next batches on the
-training device while the current step runs.
+"""Overlap data loading with compute: a background thread stages the next batches on the
+training device (pinned, copied on a side stream on CUDA, in the trainer's memory format) while
+the current step runs.
 
     batches = Prefetcher(loader, device, memory_format=torch.channels_last)
     trainer.train_step(batches)      # batches arrive already on the device, in the right layout
-
-Why a thread and not more loader workers: the loader's workers already decode in other
-processes; what remains on the training process's critical path is pulling each batch out of the
-loader's queue (unpickling), pinning it, the host->device copy and the layout change. Here those
-run `depth` batches ahead. On CUDA the copy is issued from pinned memory on a side stream
-(`non_blocking=True`) and the consuming stream waits on an event, so the copy overlaps the
-previous step's kernels; on CPU the thread still overlaps fetching/unpickling and the
-channels_last conversion with compute (torch releases the GIL inside ops).
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """Sample grids and self-attention maps of a Generator, as PNG-ready PIL images.
 
     grid = sample_grid(G, n_per_class=8, seed=0)              # one row per class (conditional)
-    save_png(grid, "grid.png")
     fig = attention_figure(G, query_points=[(8, 8), (20, 12)], seed=0)
-    save_png(fig, "attention.png")
+    save_png(fig, "attention.png")                            # layout kept in PNG metadata
 
-Why these choices:
-
-* Every sample's z comes from its own seeded generator (`fixed_z`), so sample i is the same
-  image whatever the grid size, on CPU or GPU, and across training steps: grids logged every N
-  steps show the *same* latent points evolving. In conditional grids column j shares z_j across
-  classes (rows), which isolates what the class embedding changes; `attention_figure(G,
-  sample_index=j, class_id=c)` draws exactly grid cell (c, j).
-* Attention figures follow the SAGAN paper's figure 1: for a query pixel, the softmax weights it
-  puts on every key position, upsampled from the key grid (pooled: H/2 x W/2) to the image and
-  overlaid on the generated image, with a marker at the query. One panel per (query point,
-  attention layer); heads are averaged (still a distribution over keys). The raw maps and the
-  per-panel distributions are returned by `attention_maps` (and `attention_figure(...,
-  return_maps=True)`) so they can be checked, not just looked at.
-* The panel layout is stored in the image's PNG text metadata (`save_png` writes `img.info`), so
-  a saved figure can be checked programmatically.
+Why fixed per-sample z and what a panel shows: docs/EVALUATION.md ("sample.py").
 """
 
 from __future__ import annotations

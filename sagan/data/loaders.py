@@ -1,29 +1,7 @@
-"""The two ways to read a dataset: an endless, DDP-safe training stream and one exact pass.
-
-**Training** (:func:`train_loader`). Shards are split by rank (explicit ``rank``/``world_size``,
-:func:`~sagan.data.pipeline.split_by_rank`) and by loader worker (``wds.split_by_worker``), and
-only then resampled with replacement (``wds.ResampledShards``): webdataset's own
-``WebDataset(resampled=True, nodesplitter=...)`` resamples *before* splitting, which would let
-every rank draw from every shard. Then a ``wds.shuffle`` buffer, optional flip, ``wds.batched``,
-and ``wds.WebLoader(...).with_epoch(batches_per_epoch)``: every ``iter(loader)`` yields exactly
-that many batches on every rank, so no rank can run out of data and hang a collective.
-
-*Epochs are fresh draws, not replays.* Re-iterating ``WebLoader.with_epoch`` restarts the
-dataset's iterator in each worker; with plain (non-persistent) workers every epoch would start
-from the same pickled state and the same seeds, replaying epoch 1. Here the workers are
-persistent (``persistent_workers=True``), so the dataset object in each worker keeps an epoch
-counter, and every epoch seeds ``ResampledShards``, the shuffle buffer and the flips from
-``(seed, rank, worker, epoch)``: reproducible, and different each epoch. The price: batches a
-worker had prefetched when an epoch ends are dropped (at most ``prefetch_factor`` per worker),
-and the shuffle buffer refills.
-
-*Counts reach the main process.* Workers count in their own processes; every batch carries its
-worker's cumulative ``(skipped_samples, skipped_shards, retries)`` and :class:`TrainLoader` keeps
-the latest per worker, so ``loader.stats`` is exact in the caller's process.
-
-**Single pass** (:func:`eval_loader`): ``wds.SimpleShardList`` in manifest order, no shuffle, no
-resampling, ``wds.slice`` for ``limit``; in the calling process (read-ahead threads do the I/O),
-so the order never depends on worker scheduling.
+"""The two ways to read a dataset: an endless, DDP-safe training stream (:func:`train_loader`:
+split by rank and worker, then resampled; every rank gets exactly ``batches_per_epoch`` batches;
+each epoch a fresh seeded draw) and one exact pass in manifest order (:func:`eval_loader`).
+Why each choice: docs/DATA.md ("Design notes").
 """
 
 from __future__ import annotations

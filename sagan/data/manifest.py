@@ -1,4 +1,4 @@
-"""The dataset's table of contents: ``<prefix>/manifest.json`` (ARCHITECTURE.md §5).
+"""The dataset's table of contents: ``<prefix>/manifest.json`` (format: docs/DATA.md).
 
 Read before streaming, so sizes, classes and the shard list are known up front; the per-shard
 sample counts are also what lets the pipeline notice a shard that ended early.

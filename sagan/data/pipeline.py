@@ -1,32 +1,9 @@
 """Shards -> decoded samples -> batches: the stages both loaders put in a ``wds.DataPipeline``.
 
-    shard URLs            wds.SimpleShardList (single pass) | wds.ResampledShards (training)
-    ShardReader.open_shards     our resumable streams (storage.open_url), one shard ahead
-    ShardReader.samples         webdataset's tar_file_expander + group_by_keys, one shard at a
-                                time, with a counting handler and the manifest's sample count
-    wds.map(ShardReader.decode) validated PNG decode; a rejected sample is counted and dropped
-    wds.shuffle, hflip          (training only)
-    wds.batched(collate)        float32 (B, C, S, S) in [-1, 1], int64 labels or None
-
-Tar parsing, grouping members into samples, shuffling, batching, resampling, worker splitting
-and epochs all come from webdataset. What is ours, and why:
-
-* **Opening** (:meth:`ShardReader.open_shards`). webdataset's openers call ``gopen(url)`` with no
-  per-stream context; ours hands each shard this stream's retry counters, retry policy and outage
-  clock, verifies sha256 when asked, and opens the next shard one step ahead so its request is in
-  flight while the current one is parsed.
-* **A shard that ends early is counted.** Python's ``tarfile`` (which webdataset parses with, in
-  stream mode) stops *silently* at a torn or corrupt header anywhere after the first: a cut shard
-  just looks short, and no handler is called. So each shard is expanded on its own, the samples
-  it gave are compared with the manifest's count, and a shortfall without an error counts the
-  shard as skipped. Errors webdataset does report (unreadable stream, not a tar, data cut inside a
-  member) reach :meth:`ShardReader.skip_shard`, the ``handler=``, which counts the shard once,
-  warns and continues; a member torn by the cut leaves a partial sample that ``decode`` rejects
-  and counts. A :class:`DataError` (dead endpoint, bad credentials) is never swallowed.
-* **Validated decode.** Size, mode and label are checked against the manifest.
-
-Cost: ``tarfile`` parses a 2-member sample in ~40 us of CPU, against ~8 us for the hand-written
-reader this replaced; PNG decoding of a 32 px image is another ~40 us. Loader workers scale it.
+Tar parsing, grouping, shuffling, batching, resampling and worker splitting are webdataset's;
+ours are the opening of each shard (resumable streams, one shard ahead, sha256 when asked), the
+check of each shard's sample count against the manifest (``tarfile`` stops silently at a torn
+header) and the validated decode. Details: docs/DATA.md ("Design notes").
 """
 
 from __future__ import annotations

@@ -1,26 +1,6 @@
-"""Readers for the raw datasets that become shards: one `open_source(spec)` per kind.
-
-Source specs (``KIND[:PATH]``):
-
-=====================  ========================================================================
-``fashion-mnist``      Fashion-MNIST idx files, default dir /usr/share/datasets/fashion-mnist
-``fashion-mnist:DIR``  same, another directory
-``mnist:DIR|FILE``     any MNIST-format idx pair (``{split}-images-idx3-ubyte[.gz]`` and
-                       ``{split}-labels-idx1-ubyte[.gz]``, or the ``images.idx3-ubyte`` spelling
-                       of some extracted copies; test split is ``t10k``), or the images file
-                       itself (labels file found by name, optional)
-``cifar10:PATH``       CIFAR-10 python pickle batches: the ``cifar-10-python.tar.gz`` tarball or
-                       the ``cifar-10-batches-py`` directory
-``cifar100:PATH``      CIFAR-100 python (``cifar-100-python.tar.gz`` or its directory), fine labels
-``imagefolder:DIR``    images in class sub-folders (class = folder name, sorted), or flat in DIR
-                       (unconditional)
-``npz:PATH``           ``x``: uint8 (N,H,W), (N,H,W,C) or (N,C,H,W), or float in [0,1];
-                       optional ``y`` int (N,), optional ``class_names``
-=====================  ========================================================================
-
-Every reader error is a :class:`SourceError` (a ``DataError``) whose one-line message names the
-file and the field at fault. The readers run once, at preparation (:mod:`.prepare`); training
-only ever reads shards.
+"""Readers for the raw datasets that become shards: ``open_source("KIND[:PATH]")`` for
+``fashion-mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``imagefolder`` and ``npz`` (the specs:
+docs/DATA.md). Every reader error is a one-line :class:`SourceError` naming the file and field.
 """
 
 from __future__ import annotations

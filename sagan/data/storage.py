@@ -1,18 +1,8 @@
 """Where bytes come from: local paths, ``s3://`` (boto3, in-process) and ``http(s)://``.
 
-* **Streaming, in-process reads.** ``s3://`` URLs are opened by :func:`gopen_s3`, registered in
-  ``webdataset.gopen_schemes``: one boto3 GET per shard, its body read by a read-ahead thread
-  (network overlaps decoding); nothing is copied to local disk. ``http(s)://`` uses the same
-  resumable reader over ``urllib`` instead of webdataset's ``curl`` pipe, so retries are counted
-  and no external binary is needed.
-* **Exactly once, even when a connection breaks.** This is a storage concern webdataset does not
-  have: the reader remembers how many bytes it has handed to the tar parser, and a broken stream
-  is re-opened with ``Range: bytes=<offset>-`` (and ``If-Match: <etag>`` so a concurrently
-  rewritten object is never spliced). The parser never sees the break.
-* **Retries are bounded.** Transient errors (connection reset or refused, timeouts, 5xx,
-  throttling) are retried with exponential backoff (botocore's own retry config for each request,
-  plus our loop around it and around mid-stream reads); credential/bucket errors, or an endpoint
-  unreachable for ``RetryPolicy.max_outage_s``, raise :class:`DataError`.
+Streams are read ahead, resume a broken connection where it broke (``Range`` + ``If-Match``, so
+every byte reaches the parser exactly once), and retry transient errors within bounds
+(:class:`RetryPolicy`). Details: docs/DATA.md ("Design notes").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Writing a dataset: ``train-%06d.tar`` shards via ``webdataset.ShardWriter`` + ``manifest.json``,
-to a local directory or an S3 prefix (ARCHITECTURE.md §5)."""
+to a local directory or an S3 prefix."""
 
 from __future__ import annotations
 
