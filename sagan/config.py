@@ -3,31 +3,32 @@
     cfg = load_config("configs/quickstart.yaml", ["train.lr_d=2e-4", "model.g_attention=[16,32]"])
 
 Every invalid value is caught here, once, with one line naming the field. The loader is generic
-over a dataclass schema: pipelines/config.py extends `Config` with the sections that belong to
-whoever runs training (`cluster`, `tracking`), which this library's schema skips unvalidated.
+over a dataclass schema (the machinery: sagan/schema.py): pipelines/config.py extends `Config`
+with the sections that belong to whoever runs training (`cluster`, `tracking`), which this
+library's schema skips unvalidated.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import reprlib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
 
-from sagan.errors import one_line
+from sagan.schema import ConfigError as ConfigError  # part of this module's API
+from sagan.schema import (
+    apply_overrides,
+    bounded_copy,
+    build,
+    read_yaml,
+    relocate,
+)
+from sagan.schema import require as require
 
 IMAGE_SIZES = (32, 64, 128)
 MIN_ATTENTION_RES = 8  # below 8x8 the 2x2-pooled keys leave too few positions to attend over
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the dotted field and says what is allowed."""
 
 
 @dataclass
@@ -143,175 +144,20 @@ def _powers(lo: int, hi: int) -> list[int]:
     return out
 
 
-# --------------------------------------------------------------------------- building
-
-# A config tree has ~70 leaves; a YAML file whose aliases expand to more values than this is an
-# "alias bomb" (a few lines, billions of values once copied) and is refused before the copy.
-MAX_CONFIG_VALUES = 100_000
-_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
-
-
-def _quote(text: Any) -> str:
-    """'text' as typed, unless it holds a line break or control character (then its escaped
-    repr), cut to 200 characters: error messages stay one readable line."""
-    text = str(text)
-    if text.isprintable() and "'" not in text:
-        return f"'{text[:200]}{'...' if len(text) > 200 else ''}'"
-    return repr(text[:200]) + ("..." if len(text) > 200 else "")
-
-
-def _short(value: Any) -> str:
-    """Bounded repr for error messages: a value built from YAML aliases can be huge (and a
-    plain repr of it would never return)."""
-    return _REPR.repr(value)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check/convert one leaf value against its annotation; raise ConfigError naming the field."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"config field '{name}': expected a list, got {_short(value)}")
-        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config field '{name}': expected true/false, got {_short(value)}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"config field '{name}': expected an integer, got {_short(value)}")
-    if tp is float:
-        number = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and math.isfinite(number):
-            return number
-        # nan/inf (`.nan`, `.inf`, "1e400") would turn a learning rate into a NaN loss later
-        raise ConfigError(f"config field '{name}': expected a finite number, got {_short(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config field '{name}': expected a string, got {_short(value)}")
-    raise ConfigError(f"config field '{name}': unsupported type {_type_name(tp)}")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        where = prefix or "config"
-        raise ConfigError(f"config section {_quote(where)}: expected a mapping, got {_short(data)}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            dotted = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(
-                f"config: unknown key {_quote(dotted)} "
-                f"(valid keys here: {', '.join(sorted(names))})"
-            )
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        tp = hints[f.name]
-        dotted = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, data[f.name], dotted)
-        else:
-            kwargs[f.name] = _coerce(data[f.name], tp, dotted)
-    return cls(**kwargs)
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"config override {_quote(item)}: expected KEY=VALUE, "
-                          "e.g. train.lr_d=2e-4")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"config override {_quote(item)}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config override {_quote(key)}: cannot parse value {raw[:200]!r} "
-                          f"({one_line(exc)})") from None
-    except RecursionError:  # PyYAML's composer recurses once per nesting level
-        raise ConfigError(f"config override {_quote(key)}: value nested too deeply") from None
-    return key.split("."), value
-
-
-def _moved(dotted: str, schema: type[Config]) -> list[str]:
-    """`dotted` at its current place (see Config.MOVED), split into its parts."""
-    return schema.MOVED.get(dotted, dotted).split(".")
-
-
-def _relocate(data: dict, schema: type[Config]) -> dict:
-    """Move fields from their old place (Config.MOVED) to the new one, in a loaded file."""
-    for old, new in schema.MOVED.items():
-        (osec, oname), (nsec, nname) = old.split("."), new.split(".")
-        section = data.get(osec)
-        if not isinstance(section, dict) or oname not in section:
-            continue
-        value, target = section.pop(oname), data.setdefault(nsec, {})
-        if isinstance(target, dict):  # else the new section itself is refused when built
-            if nname in target:
-                raise ConfigError(f"config: {_quote(old)} and {_quote(new)} are the same field "
-                                  f"(it moved); set only {_quote(new)}")
-            target[nname] = value
-    return data
-
-
-def apply_overrides(data: dict, overrides: list[str], schema: type[Config] = Config) -> dict:
-    """Apply `a.b=value` strings (values parsed as YAML) onto a nested dict, in order."""
-    for item in overrides:
-        parts, value = _parse_override(item)
-        parts = _moved(".".join(parts), schema)
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"config override {_quote(item)}: {_quote(part)} is not "
-                                  "a section")
-            node = child
-        node[parts[-1]] = value
-    return data
+# --------------------------------------------------------------------------- loading
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None,
                      schema: type[C] = Config) -> C:  # type: ignore[assignment]
     """Build and validate a `schema` config (default: this library's) from a plain dict (e.g. a
     logged YAML) plus overrides; sections the schema leaves to its runner are skipped."""
-    data = _deepcopy(data or {})
+    data = bounded_copy(data or {})
     if isinstance(data, dict):
-        data = _relocate(data, schema)
-    data = apply_overrides(data, overrides or [], schema)
+        data = relocate(data, schema.MOVED)
+    data = apply_overrides(data, overrides or [], schema.MOVED)
     for name in schema.RUNNER_SECTIONS:
         data.pop(name, None)
-    cfg = _build(schema, data, "")
+    cfg = build(schema, data, "")
     cfg.validate()
     return cfg
 
@@ -320,36 +166,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 schema: type[C] = Config) -> C:  # type: ignore[assignment]
     """Load YAML `path` (None: all defaults), apply dotted overrides, validate, return a
     `schema` config (default: this library's `Config`)."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}': not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{p}': invalid YAML ({one_line(exc)})") from None
-        except RecursionError:  # PyYAML's composer recurses once per nesting level
-            raise ConfigError(f"config file '{p}': invalid YAML (nested too deeply)") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file '{p}': not UTF-8 text ({exc.reason})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{p}': top level must be a mapping")
-    return config_from_dict(data, overrides, schema)
-
-
-def _deepcopy(data: Any, budget: list[int] | None = None) -> Any:
-    """Copy of nested dicts/lists; ConfigError past MAX_CONFIG_VALUES values (alias bombs)."""
-    budget = [MAX_CONFIG_VALUES] if budget is None else budget
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise ConfigError(f"config: more than {MAX_CONFIG_VALUES} values (YAML aliases "
-                          "expanding without bound?)")
-    if isinstance(data, dict):
-        return {k: _deepcopy(v, budget) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deepcopy(v, budget) for v in data]
-    return data
+    return config_from_dict(read_yaml(path) if path is not None else {}, overrides, schema)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -376,12 +193,6 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def require(cond: bool, name: str, msg: str) -> None:
-    """ConfigError "config field 'name': msg" unless `cond`."""
-    if not cond:
-        raise ConfigError(f"config field '{name}': {msg}")
 
 
 def validate(cfg: Config) -> None:

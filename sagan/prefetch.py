@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from sagan.data.readahead import put_until_stopped, stop_producer
+
 _DONE = object()
 
 
@@ -75,16 +77,6 @@ class Prefetcher:
         self._thread.start()
 
     # ------------------------------------------------------------------ worker thread
-    def _put(self, item: Any) -> bool:
-        """Blocking put that gives up when the consumer has closed us."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def _work(self) -> None:
         if self._stream is not None:
             torch.cuda.set_device(self.device)
@@ -92,10 +84,10 @@ class Prefetcher:
             try:
                 batch = next(self._source)
             except StopIteration:
-                self._put((_DONE, None, None))
+                put_until_stopped(self._queue, self._stop, (_DONE, None, None))
                 return
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised
-                self._put((_DONE, exc, None))
+                put_until_stopped(self._queue, self._stop, (_DONE, exc, None))
                 return
             try:
                 if self._stream is not None:
@@ -106,9 +98,9 @@ class Prefetcher:
                 else:
                     moved, event = _move(batch, self.device, self.memory_format, False), None
             except BaseException as exc:  # noqa: BLE001
-                self._put((_DONE, exc, None))
+                put_until_stopped(self._queue, self._stop, (_DONE, exc, None))
                 return
-            if not self._put((moved, None, event)):
+            if not put_until_stopped(self._queue, self._stop, (moved, None, event)):
                 return
 
     # ------------------------------------------------------------------ consumer side
@@ -133,14 +125,8 @@ class Prefetcher:
 
     def close(self) -> None:
         """Stop the worker thread (pending batches are dropped)."""
-        self._stop.set()
         self._finished = True
-        try:
-            while True:
-                self._queue.get_nowait()
-        except queue.Empty:
-            pass
-        self._thread.join(timeout=1.0)
+        stop_producer(self._queue, self._stop, self._thread, timeout=1.0)
 
     def __enter__(self) -> Prefetcher:
         return self

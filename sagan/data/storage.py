@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import queue
 import threading
 import time
 import urllib.parse
@@ -33,11 +32,10 @@ from .errors import (
     is_fatal,
     is_transient,
 )
+from .readahead import READ_CHUNK, ReadAhead
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 1 << 20  # read-ahead chunk: big enough that per-call overhead vanishes
-READ_AHEAD_CHUNKS = 8  # per open shard: 8 MiB buffered ahead of the tar parser
 
 Opener = Callable[[int, str | None], tuple[Any, int | None, str | None]]
 
@@ -281,89 +279,6 @@ def _http_opener(url: str, policy: RetryPolicy) -> Opener:
     return open_at
 
 
-class _ReadAhead(io.RawIOBase):
-    """Reads `src` in a background thread, `depth` chunks ahead of the consumer.
-
-    Why: socket reads release the GIL, so the network (and the S3 server's latency) overlaps
-    PNG decoding in the consumer thread; starting the thread before the consumer needs the shard
-    also hides the request latency of the next shard. Errors are re-raised in the consumer.
-    """
-
-    _EOF = object()
-
-    def __init__(self, src: io.RawIOBase, chunk: int = READ_CHUNK,
-                 depth: int = READ_AHEAD_CHUNKS) -> None:
-        super().__init__()
-        self._src = src
-        self._chunk = chunk
-        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._buf: memoryview = memoryview(b"")
-        self._done = False
-        self._thread = threading.Thread(target=self._run, name="sagan-readahead", daemon=True)
-        self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                buf = bytearray(self._chunk)
-                view = memoryview(buf)
-                filled = 0
-                while filled < self._chunk:  # fill whole chunks: fewer queue handoffs
-                    n = self._src.readinto(view[filled:])
-                    if not n:
-                        break
-                    filled += n
-                if filled and not self._put(view[:filled]):  # hand over, no copy
-                    return
-                if filled < self._chunk:
-                    self._put(self._EOF)
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread
-            self._put(exc)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if not self._buf:
-            if self._done:
-                return 0
-            item = self._q.get()
-            if item is self._EOF:
-                self._done = True
-                return 0
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            self._buf = item
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            self._stop.set()
-            try:
-                while True:
-                    self._q.get_nowait()
-            except queue.Empty:
-                pass
-            self._thread.join(timeout=2.0)
-            self._src.close()
-        super().close()
-
-
 def open_url(url: str, *, endpoint_url: str | None = None, counters: Counters | None = None,
              policy: RetryPolicy = DEFAULT_RETRY, health: Health | None = None,
              read_ahead: bool = True) -> IO[bytes]:
@@ -385,7 +300,7 @@ def open_url(url: str, *, endpoint_url: str | None = None, counters: Counters | 
     else:
         raise DataError(f"unsupported URL scheme in '{url}' (use a path, s3:// or http(s)://)")
     if read_ahead:
-        return io.BufferedReader(_ReadAhead(raw), buffer_size=64 * 1024)
+        return io.BufferedReader(ReadAhead(raw), buffer_size=64 * 1024)
     return io.BufferedReader(raw, buffer_size=READ_CHUNK)
 
 
