@@ -18,24 +18,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.local.stack import (
-    DEV_CREDENTIALS,
-    PidRecord,
-    StackConfig,
-    _group_members,
-    _proc_stat,
-    down,
-    port_is_free,
-    ray_auth_headers,
-    read_env_file,
-    read_pid_records,
-)
+from infra.local.config import StackConfig, port_is_free
+from infra.local.processes import PidRecord, group_members, proc_stat, read_pid_records
+from infra.local.services import DEV_CREDENTIALS, ray_auth_headers
+from infra.local.stack import down, read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 UP = ROOT / "infra" / "local" / "up"
 DOWN = ROOT / "infra" / "local" / "down"
-STACK = ROOT / "infra" / "local" / "stack.py"
+STACK = ["-m", "infra.local"]  # the CLI, run from the repo root
 
 
 def _clean_env() -> dict[str, str]:
@@ -52,7 +44,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def _alive(pid: int) -> bool:
-    st = _proc_stat(pid)
+    st = proc_stat(pid)
     return st is not None and st[0] != "Z"
 
 
@@ -128,7 +120,7 @@ def test_up_healthy_up_again_down_leaves_nothing(tmp_path: Path, decoy: subproce
         recs = read_pid_records(state)
         assert set(recs) == {"s3", "mlflow", "ray"}
         assert all(r.leader_alive() for r in recs.values())
-        groups = {s: set(_group_members(r.pid)) for s, r in recs.items()}
+        groups = {s: set(group_members(r.pid)) for s, r in recs.items()}
         assert len(groups["ray"]) > 5  # gcs_server, raylet, dashboard, agents ... in one group
 
         # env file: sourceable by bash, pointing at this stack
@@ -161,7 +153,7 @@ def test_up_healthy_up_again_down_leaves_nothing(tmp_path: Path, decoy: subproce
         assert {s: r.pid for s, r in read_pid_records(state).items()} == \
             {s: r.pid for s, r in recs.items()}
         _assert_all_healthy(cfg)
-        st = _run([PY, str(STACK), "status", "--state-dir", str(state), "--json"])
+        st = _run([PY, *STACK, "status", "--state-dir", str(state), "--json"], cwd=ROOT)
         assert st.returncode == 0 and all(v["healthy"] for v in json.loads(st.stdout).values())
 
         # a conflicting port request against the running stack is refused, not half-applied
@@ -176,7 +168,7 @@ def test_up_healthy_up_again_down_leaves_nothing(tmp_path: Path, decoy: subproce
         assert not _alive(rec.pid), service
         still = [p for p in groups[service] if _alive(p)]
         assert still == [], (service, still)
-        assert _group_members(rec.pid) == [], service
+        assert group_members(rec.pid) == [], service
     for port in cfg.all_ports():
         assert port_is_free(port), port
     assert not cfg.env_file.exists()
@@ -193,7 +185,7 @@ def test_up_healthy_up_again_down_leaves_nothing(tmp_path: Path, decoy: subproce
 def test_down_never_signals_a_recycled_pid(tmp_path: Path, decoy: subprocess.Popen) -> None:
     """A pid file whose pid now belongs to another process (pid reuse after a crash or
     reboot) must not lead `down` to kill that process: the recorded start time differs."""
-    st = _proc_stat(decoy.pid)
+    st = proc_stat(decoy.pid)
     assert st is not None
     rec = PidRecord(service="ray", pid=decoy.pid, start_ticks=st[2] - 1, cmd=["ray"], log="")
     (tmp_path / "pids").mkdir()
@@ -208,8 +200,8 @@ def test_down_never_signals_a_recycled_pid(tmp_path: Path, decoy: subprocess.Pop
 def test_cli_help_and_status_without_a_stack(tmp_path: Path) -> None:
     helped = _run([str(UP), "--help"])
     assert helped.returncode == 0 and "--free-ports" in helped.stdout
-    assert _run([PY, str(STACK), "--help"]).returncode == 0
-    st = _run([PY, str(STACK), "status", "--state-dir", str(tmp_path)])
+    assert _run([PY, *STACK, "--help"], cwd=ROOT).returncode == 0
+    st = _run([PY, *STACK, "status", "--state-dir", str(tmp_path)], cwd=ROOT)
     assert st.returncode == 1 and st.stdout.count("down") == 3
     assert _run([str(DOWN), "--state-dir", str(tmp_path)]).returncode == 0
 

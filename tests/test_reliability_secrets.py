@@ -29,7 +29,9 @@ from pathlib import Path
 
 import pytest
 
+from infra.local import services as services_mod
 from infra.local import stack as stack_mod
+from infra.local.config import StackConfig
 from tests.fixtures.s3 import TcpProxy
 from tests.fixtures.stack import JOB_TINY, ROOT, runs_named, submit_job, submitted_job_id
 
@@ -70,10 +72,10 @@ def secret_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretRun]:
     that is cut for OUTAGE_S seconds once the first checkpoint exists."""
     secrets = _sentinels()
     state = tmp_path_factory.mktemp("secret_stack")
-    cfg = stack_mod.StackConfig.with_free_ports(state, ray_num_cpus=4, ray_object_store_mb=512)
+    cfg = StackConfig.with_free_ports(state, ray_num_cpus=4, ray_object_store_mb=512)
     with pytest.MonkeyPatch.context() as mp:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-            mp.setitem(stack_mod.DEV_CREDENTIALS, key, secrets[key])
+            mp.setitem(services_mod.DEV_CREDENTIALS, key, secrets[key])
         for key in ("AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN"):
             mp.setenv(key, secrets[key])  # inherited by the services started now
         info = stack_mod.up(cfg, quiet=True)

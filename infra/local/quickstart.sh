@@ -56,7 +56,7 @@ fi
 # ---------------------------------------------------------------- 3. local stack
 step "Local stack: S3 (moto), MLflow server, Ray head"
 # shellcheck disable=SC2086  # SAGAN_UP_ARGS is a list of options on purpose
-python infra/local/stack.py up ${SAGAN_UP_ARGS:-}
+python -m infra.local up ${SAGAN_UP_ARGS:-}
 STATE_DIR="${SAGAN_STATE_DIR:-$ROOT/.state}"
 # shellcheck disable=SC1091
 source "$STATE_DIR/env"

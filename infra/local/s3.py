@@ -18,8 +18,8 @@ CLI (foreground; Ctrl-C stops it):
     python infra/local/s3.py --port 9000
     # then: export AWS_ENDPOINT_URL_S3=http://127.0.0.1:9000 AWS_ACCESS_KEY_ID=testing ...
 
-This module deliberately imports nothing outside the standard library, so it can be loaded
-before (or without) Ray, MLflow or the `sagan` package.
+This module imports nothing outside the standard library (and `infra.local.config`), so it can
+be loaded before (or without) Ray, MLflow or the `sagan` package.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,21 +38,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["free_port", "local_s3", "start_s3_server", "stop_s3_server", "wait_healthy"]
+from infra.local.config import free_port
+
+__all__ = ["free_port", "local_s3", "server_command", "start_s3_server", "stop_s3_server",
+           "wait_healthy"]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Ask the kernel for a currently unused TCP port on `host`.
-
-    There is a small race between closing this probe socket and the server binding the port;
-    `start_s3_server` covers it by retrying with a new port if the server dies on startup.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _server_command(host: str, port: int) -> list[str]:
+def server_command(host: str, port: int) -> list[str]:
     """Prefer the `moto_server` next to the running interpreter (the venv), then PATH, then
     `python -m moto.server`, so the helper works whether or not the venv is activated."""
     local = Path(sys.executable).with_name("moto_server")
@@ -105,7 +96,7 @@ def start_s3_server(host: str = "127.0.0.1", port: int | None = None, timeout: f
             log = open(log_path, "ab")  # handed to the child, closed below
         try:
             proc = subprocess.Popen(
-                _server_command(host, chosen),
+                server_command(host, chosen),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,  # a Ctrl-C meant for the parent must not kill it early
             )
