@@ -1,4 +1,4 @@
-"""Decoded images/s streamed from S3 (moto on loopback) vs the same shards on local disk.
+"""Decoded images/s streamed from S3 (SeaweedFS on loopback) vs the same shards on local disk.
 
     python bench/data_stream.py                       # 20k Fashion-MNIST images, 32 px
     python bench/data_stream.py --limit 60000 --out /tmp/ds.json
@@ -13,9 +13,10 @@ batching and [-1, 1] scaling are identical. Reported per mode:
 
 Median of ``--repeats`` alternating rounds; target ratio S3/local >= 0.9. Also reported: the
 ratio of images per client CPU-second (this process plus its loader workers), which stays
-meaningful when other jobs share the machine and make wall-clock rates swing. Note that moto serves
-from the same CPU as the reader, so on a 2-core box the server competes with decoding: a real
-S3/MinIO endpoint costs the client less CPU than this loopback setup.
+meaningful when other jobs share the machine and make wall-clock rates swing. Note that the S3
+server (the local stack's, infra/local/s3.py) runs on the same CPUs as the reader, so on a
+2-core box it competes with decoding: a remote endpoint costs the client less CPU than this.
+The server is stopped when the benchmark ends, is interrupted, or is killed (SIGTERM/timeout).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from infra.local.processes import exit_on_sigterm  # noqa: E402
 from infra.local.s3 import local_s3  # noqa: E402
 
 
@@ -88,13 +90,14 @@ def time_train(path: str, batch_size: int, workers: int, batches: int
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()  # `timeout`/kill: leave through `with local_s3()`, which stops the server
     import boto3
 
     from sagan.data import load_manifest
     from sagan.datasets import prepare_dataset
 
-    with local_s3("bench") as endpoint, \
-            tempfile.TemporaryDirectory(prefix="sagan-bench-") as tmp:
+    with local_s3() as server, tempfile.TemporaryDirectory(prefix="sagan-bench-") as tmp:
+        endpoint = server.endpoint
         t0 = time.perf_counter()
         m = prepare_dataset(args.source, tmp, image_size=args.image_size, limit=args.limit,
                             samples_per_shard=args.samples_per_shard)

@@ -20,7 +20,8 @@ import yaml
 
 from infra.local.config import StackConfig, port_is_free
 from infra.local.processes import PidRecord, group_members, proc_stat, read_pid_records
-from infra.local.services import DEV_CREDENTIALS, ray_auth_headers
+from infra.local.s3 import load_credentials
+from infra.local.services import ray_auth_headers, s3_client, s3_credentials_path
 from infra.local.stack import down, read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,14 +49,8 @@ def _alive(pid: int) -> bool:
     return st is not None and st[0] != "Z"
 
 
-def _s3_bucket_names(endpoint: str) -> list[str]:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint,
-                          aws_access_key_id=DEV_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=DEV_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                          region_name=DEV_CREDENTIALS["AWS_DEFAULT_REGION"])
-    return [b["Name"] for b in client.list_buckets()["Buckets"]]
+def _s3_bucket_names(cfg: StackConfig) -> list[str]:
+    return [b["Name"] for b in s3_client(cfg).list_buckets()["Buckets"]]
 
 
 def _get(url: str) -> bytes:
@@ -71,7 +66,7 @@ def _assert_all_healthy(cfg: StackConfig) -> None:
     assert json.loads(_get(cfg.ray_address + "/api/version"))["ray_version"] == ray.__version__
     assert isinstance(json.loads(_get(cfg.ray_address + "/api/jobs/")), list)
     assert _get(cfg.mlflow_uri + "/health").strip() == b"OK"
-    assert cfg.bucket in _s3_bucket_names(cfg.s3_endpoint)
+    assert cfg.bucket in _s3_bucket_names(cfg)
 
 
 @pytest.fixture
@@ -131,7 +126,14 @@ def test_up_healthy_up_again_down_leaves_nothing(tmp_path: Path, decoy: subproce
         assert env["RAY_AUTH_MODE"] == "token"  # else `ray job submit` sends no token: 401
         assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{cfg.mlflow_port}"
         assert env["AWS_ENDPOINT_URL_S3"] == f"http://127.0.0.1:{cfg.s3_port}"
-        assert env["AWS_ACCESS_KEY_ID"] == "testing" and env["AWS_SECRET_ACCESS_KEY"] == "testing"
+        # S3 keys: generated for this state dir (no fixed strings), owner-only, never printed
+        keys = load_credentials(s3_credentials_path(state))
+        assert env["AWS_ACCESS_KEY_ID"] == keys.key_id != "testing"
+        assert env["AWS_SECRET_ACCESS_KEY"] == keys.secret and len(keys.secret) >= 32
+        for private in (cfg.env_file, s3_credentials_path(state)):
+            assert private.stat().st_mode & 0o077 == 0, private
+        logs = "".join(p.read_text() for p in (state / "logs").iterdir())
+        assert not any(v in text for text in [*outs, logs] for v in (keys.key_id, keys.secret))
         assert env["AWS_DEFAULT_REGION"] == "us-east-1"
         assert env["SAGAN_DATA_BUCKET"] == cfg.bucket
         assert read_env_file(cfg.env_file)["MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"]
@@ -233,11 +235,8 @@ def test_job_on_local_stack_uses_project_python_and_logs_artifacts_to_s3(
     assert Path(exe).resolve().parent == Path(PY).resolve().parent
     assert mlflow_uri == local_stack.mlflow_uri and s3 == local_stack.s3_endpoint
 
-    import boto3
 
-    client = boto3.client("s3", endpoint_url=local_stack.s3_endpoint,
-                          aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
+    client = s3_client(local_stack.config)
     keys = [o["Key"] for o in client.list_objects_v2(
         Bucket=local_stack.bucket, Prefix="mlflow/").get("Contents", [])]
     assert any(k.endswith(f"{run_id}/artifacts/probe.txt") for k in keys), keys

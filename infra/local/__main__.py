@@ -11,7 +11,7 @@ import json
 import sys
 
 from infra.local.config import StackConfig, StackError, load_config, resolve_state_dir
-from infra.local.processes import read_pid_records, state_lock
+from infra.local.processes import exit_on_sigterm, read_pid_records, state_lock
 from infra.local.stack import down, status, up
 
 
@@ -36,14 +36,15 @@ def _config_from_args(args: argparse.Namespace) -> StackConfig:
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m infra.local",
-        description="Local stack on 127.0.0.1: moto S3, MLflow server (sqlite, artifacts "
-                    "proxied to S3) and a Ray head with the job server.",
+        description="Local stack on 127.0.0.1: S3 (SeaweedFS, data on disk), MLflow server "
+                    "(sqlite, artifacts proxied to S3) and a Ray head with the job server.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  infra/local/up && source .state/env\n"
                "  infra/local/up --free-ports --state-dir /tmp/mystack\n"
                "  python -m infra.local status --json\n"
-               "  infra/local/down --purge        # also delete the MLflow DB and logs\n")
+               "  infra/local/down                # stop; S3 objects, MLflow DB and logs stay\n"
+               "  infra/local/down --purge        # ... and delete them\n")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_state(sp: argparse.ArgumentParser) -> None:
@@ -52,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     up_p = sub.add_parser("up", help="start the stack (no-op for services already healthy)")
     add_state(up_p)
-    up_p.add_argument("--s3-port", type=int, help="S3 (moto) port (default 9000)")
+    up_p.add_argument("--s3-port", type=int, help="S3 port (default 9000)")
     up_p.add_argument("--mlflow-port", type=int, help="MLflow server port (default 5000)")
     up_p.add_argument("--ray-port", type=int, help="Ray GCS port (default 6379)")
     up_p.add_argument("--dashboard-port", type=int,
@@ -70,7 +71,8 @@ def _build_parser() -> argparse.ArgumentParser:
     down_p = sub.add_parser("down", help="stop exactly the processes `up` started")
     add_state(down_p)
     down_p.add_argument("--purge", action="store_true",
-                        help="also delete the state dir (MLflow DB, logs) and Ray's temp dir")
+                        help="also delete the state dir (S3 objects, MLflow DB, logs) and "
+                             "Ray's temp dir")
     down_p.add_argument("--quiet", action="store_true")
 
     st_p = sub.add_parser("status", help="show each service; exit 0 only if all are healthy")
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "up":
+            exit_on_sigterm()  # killed while starting: stop what was started (see up())
             # Resolve the config under the state lock (up() takes it again: re-entrant): a
             # concurrent `up` may be recording the stack right now.
             with state_lock(resolve_state_dir(args.state_dir)):

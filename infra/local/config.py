@@ -14,6 +14,7 @@ import json
 import os
 import random
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,17 @@ RAY_AUX_PORT_FLAGS = (
     "metrics-export-port",
     "runtime-env-agent-port",
 )
+# Ray's autoscaler and dashboard serve Prometheus metrics on fixed ports (44217, 44227) that
+# no flag sets; these environment variables do. Kept in `ray_aux_ports` under these names.
+RAY_METRICS_PORT_ENV = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")
+# SeaweedFS (`weed mini`) runs master, volume server, filer, S3 gateway and an admin server in
+# one process, each with an HTTP and a gRPC port; all are set explicitly (keys are weed flags).
+# Its maintenance worker dials the admin's gRPC port as admin.port + 10000, so that one pair
+# keeps weed's offset.
+S3_AUX_PORT_FLAGS = ("s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
+                     "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port",
+                     "admin.port.grpc")
+WEED_GRPC_OFFSET = 10000
 
 
 class StackError(RuntimeError):
@@ -64,7 +76,8 @@ class StackConfig:
     mlflow_port: int = 5000
     ray_gcs_port: int = 6379
     ray_dashboard_port: int = 8265
-    ray_aux_ports: dict[str, int] = field(default_factory=dict)  # flag name -> port
+    ray_aux_ports: dict[str, int] = field(default_factory=dict)  # flag (or env) name -> port
+    s3_aux_ports: dict[str, int] = field(default_factory=dict)  # weed flag -> port; {} = pick
     ray_worker_ports: tuple[int, int] | None = None  # (min, max); None = Ray's 10002-19999
     ray_num_cpus: int | None = None  # None = detected cores
     ray_object_store_mb: int = 1024  # Ray's default (30% of RAM) is far more than we need
@@ -82,13 +95,15 @@ class StackConfig:
     def with_free_ports(cls, state_dir: Path | str, **overrides: Any) -> StackConfig:
         """A config whose every port (Ray's auxiliary ports and a worker-port range included)
         is currently free."""
-        ports = free_ports(4 + len(RAY_AUX_PORT_FLAGS))
+        ray_aux = (*RAY_AUX_PORT_FLAGS, *RAY_METRICS_PORT_ENV)
+        ports = free_ports(4 + len(ray_aux))
         values: dict[str, Any] = {
             "s3_port": ports[0],
             "mlflow_port": ports[1],
             "ray_gcs_port": ports[2],
             "ray_dashboard_port": ports[3],
-            "ray_aux_ports": dict(zip(RAY_AUX_PORT_FLAGS, ports[4:], strict=True)),
+            "ray_aux_ports": dict(zip(ray_aux, ports[4:], strict=True)),
+            "s3_aux_ports": s3_aux_free_ports(avoid=ports),
             "ray_worker_ports": free_port_range(100),
         }
         values.update(overrides)
@@ -114,8 +129,8 @@ class StackConfig:
 
     def all_ports(self) -> list[int]:
         """Every fixed port the stack listens on (the worker range excluded)."""
-        return [self.s3_port, self.mlflow_port, self.ray_gcs_port, self.ray_dashboard_port,
-                *self.ray_aux_ports.values()]
+        return [self.s3_port, *self.s3_aux_ports.values(), self.mlflow_port, self.ray_gcs_port,
+                self.ray_dashboard_port, *self.ray_aux_ports.values()]
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -174,6 +189,23 @@ def free_ports(n: int, host: str = HOST) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def s3_aux_free_ports(avoid: Iterable[int] = ()) -> dict[str, int]:
+    """Free ports for every internal port of the S3 server (S3_AUX_PORT_FLAGS), none in
+    `avoid` (ports chosen for other services but not bound yet)."""
+    avoid = set(avoid)
+    plain = [f for f in S3_AUX_PORT_FLAGS if not f.startswith("admin.")]
+    ports = [p for p in free_ports(len(plain) + len(avoid)) if p not in avoid][:len(plain)]
+    taken = avoid | set(ports)
+    rng = random.Random()
+    for _ in range(200):  # above Ray's worker range (20000-32000), + 10000 still a valid port
+        admin = rng.randrange(33000, 65535 - WEED_GRPC_OFFSET)
+        pair = (admin, admin + WEED_GRPC_OFFSET)
+        if not taken & set(pair) and all(port_is_free(p) for p in pair):
+            return {**dict(zip(plain, ports, strict=True)),
+                    "admin.port": pair[0], "admin.port.grpc": pair[1]}
+    raise StackError("no free pair of ports (p, p + 10000) for the S3 server's admin")
 
 
 def free_port_range(size: int, lo: int = 20000, hi: int = 32000) -> tuple[int, int]:

@@ -112,12 +112,12 @@ def spawn(state_dir: Path, service: str, cmd: list[str], env: Mapping[str, str])
     record it. The log header names the command, so nothing secret may be in `cmd`."""
     log = state_dir / "logs" / f"{service}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as fh:
+    with open(log, "ab") as fh, _sigterm_deferred():  # no process without its record
         fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
         fh.flush()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                                 env=dict(env), cwd=state_dir, start_new_session=True)
-    return _write_pid_record(state_dir, service, proc.pid, cmd, log)
+        return _write_pid_record(state_dir, service, proc.pid, cmd, log)
 
 
 def stop_groups(recs: list[PidRecord], grace: Mapping[str, float] | None = None
@@ -156,6 +156,36 @@ def _signal_groups(recs: list[PidRecord], sig: signal.Signals) -> None:
             os.killpg(rec.pid, sig)
         except ProcessLookupError:
             pass
+
+
+_deferred: list[int] | None = None  # signals held back while a service is being recorded
+
+
+def _exit_143(signum: int, frame: object) -> None:
+    if _deferred is not None:
+        _deferred.append(signum)
+        return
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    """Hold back `exit_on_sigterm`'s exit until the block is done (then raise it)."""
+    global _deferred
+    outer, _deferred = _deferred, []
+    try:
+        yield
+    finally:
+        pending, _deferred = _deferred, outer
+    if pending:
+        raise SystemExit(128 + pending[0])
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, `timeout`, a CI runner giving up) end this process the way Ctrl-C
+    does: as an exception, so `finally` blocks and context managers run and stop the servers
+    it started. The default action ends the process on the spot and orphans them."""
+    signal.signal(signal.SIGTERM, _exit_143)
 
 
 _HELD_LOCKS: set[Path] = set()

@@ -10,13 +10,14 @@
 ones are restarted on the same ports, and whatever a failed `up` started is stopped again.
 `down` stops exactly the recorded process groups (`infra.local.processes`).
 
-Limitation, by design: moto keeps S3 in memory, so `down` discards the shards and the MLflow
-artifacts stored there, while the MLflow database (sqlite in the state dir) survives. Re-run
-the quickstart (or `down --purge` for a clean slate) after a restart.
+Everything a stack holds lives in its state dir (S3 objects, MLflow database, logs) and
+survives `down`; `down --purge` deletes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shlex
 import shutil
@@ -29,9 +30,11 @@ from infra.local.config import (
     HOST,
     StackConfig,
     StackError,
+    config_path,
     load_config,
     port_is_free,
     resolve_state_dir,
+    s3_aux_free_ports,
     save_config,
 )
 from infra.local.processes import (
@@ -43,6 +46,7 @@ from infra.local.processes import (
     state_lock,
     stop_groups,
 )
+from infra.local.s3 import CONFLICTING_AWS_ENV
 from infra.local.services import (
     Service,
     gcs_address,
@@ -74,8 +78,10 @@ class StackInfo:
         return ray_auth_headers()
 
     def environ(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """`base` (default os.environ) plus the stack's variables, for subprocess(env=...)."""
-        merged = dict(os.environ if base is None else base)
+        """`base` (default os.environ) plus the stack's variables, for subprocess(env=...);
+        without AWS settings that would mix another identity into the stack's S3 keys."""
+        merged = {k: v for k, v in (os.environ if base is None else base).items()
+                  if k not in CONFLICTING_AWS_ENV}
         merged.update(self.env)
         return merged
 
@@ -84,11 +90,15 @@ class StackInfo:
 # env file
 # --------------------------------------------------------------------------------------------
 def write_env_file(cfg: StackConfig) -> Path:
-    """Write `<state>/env` as `export K=V` lines (shell-quoted) so `source` works in bash/zsh."""
-    lines = ["# Written by `python -m infra.local up`; `source` it. Removed by `down`."]
+    """Write `<state>/env` as `export K=V` lines (shell-quoted) so `source` works in bash/zsh.
+    It holds the S3 keys: readable by the owner only, from the moment it exists."""
+    lines = ["# Written by `python -m infra.local up`; `source` it. Removed by `down`.",
+             f"unset {' '.join(CONFLICTING_AWS_ENV)}  # another AWS identity breaks the S3 keys"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in stack_env(cfg).items()]
     tmp = cfg.env_file.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
     os.replace(tmp, cfg.env_file)
     return cfg.env_file
 
@@ -137,9 +147,23 @@ def up(cfg: StackConfig | None = None, *, timeout: float = 180.0, quiet: bool = 
         return _up_locked(cfg, timeout, quiet)
 
 
+def _recorded_by_moto_stack(state: Path) -> bool:
+    """Whether `state` was last started by the moto-based stack (S3 in memory), whose
+    stack.json predates the S3 server's own ports."""
+    path = config_path(state)
+    return path.exists() and "s3_aux_ports" not in json.loads(path.read_text())
+
+
 def _up_locked(cfg: StackConfig, timeout: float, quiet: bool) -> StackInfo:
+    if _recorded_by_moto_stack(cfg.state_dir):
+        raise StackError(f"{cfg.state_dir} is from the older stack whose S3 (moto) kept data in "
+                         "memory: its shards and MLflow artifacts are gone. Run `infra/local/"
+                         f"down --purge --state-dir {cfg.state_dir}` (deletes it), then `up`.")
     recs = read_pid_records(cfg.state_dir)
     previous = load_config(cfg.state_dir)
+    if not cfg.s3_aux_ports:  # the S3 server's internal ports: as recorded, else free ones
+        kept = previous.s3_aux_ports if previous is not None else {}
+        cfg = dataclasses.replace(cfg, s3_aux_ports=kept or s3_aux_free_ports(cfg.all_ports()))
     if previous is not None and any(r.leader_alive() for r in recs.values()):
         if previous.to_json() != cfg.to_json():
             raise StackError(f"a stack with a different configuration is running from "
@@ -148,7 +172,7 @@ def _up_locked(cfg: StackConfig, timeout: float, quiet: bool) -> StackInfo:
     save_config(cfg)
 
     services = services_for(cfg)
-    started: list[PidRecord] = []
+    todo: list[Service] = []
     t0 = time.monotonic()
     try:
         todo = [svc for svc in services if not _keep_running(cfg, svc, recs.get(svc.name), quiet)]
@@ -165,12 +189,15 @@ def _up_locked(cfg: StackConfig, timeout: float, quiet: bool) -> StackInfo:
                 svc.before_start(cfg)
                 _say(f"{_tag(svc)} {svc.starting(cfg)}", quiet)
                 rec = spawn(cfg.state_dir, svc.name, svc.command(cfg), service_env(cfg, svc))
-                started.append(rec)
                 pending[svc.name] = (svc, rec)
             _wait_healthy(cfg, pending, deadline, timeout, t0, quiet)
         write_env_file(cfg)
     except BaseException:
-        stop_groups(started, {svc.name: svc.stop_grace_s for svc in services})
+        # Stop what this call started, found in the pid records `spawn` writes before it
+        # returns (a SIGTERM arriving in between is deferred), then forget them.
+        names = {svc.name for svc in todo}
+        started = [r for n, r in read_pid_records(cfg.state_dir).items() if n in names]
+        _stop(cfg, started)
         for rec in started:
             pid_path(cfg.state_dir, rec.service).unlink(missing_ok=True)
         raise
@@ -185,7 +212,6 @@ def _keep_running(cfg: StackConfig, svc: Service, rec: PidRecord | None, quiet: 
     server) is stopped; leftovers of a crashed leader are stopped; both are then restarted."""
     if rec is None:
         return False
-    grace = {svc.name: svc.stop_grace_s}
     if rec.leader_alive():
         svc.settle(cfg)
         problem = svc.check(cfg)
@@ -193,10 +219,21 @@ def _keep_running(cfg: StackConfig, svc: Service, rec: PidRecord | None, quiet: 
             _say(f"{_tag(svc)} already running (pid {rec.pid})", quiet)
             return True
         _say(f"{_tag(svc)} running but unhealthy ({problem}); restarting", quiet)
-        stop_groups([rec], grace)
-    elif stop_groups([rec], grace)[svc.name]:
+        _stop(cfg, [rec])
+    elif _stop(cfg, [rec])[svc.name]:
         raise StackError(f"could not stop leftovers of {svc.name}: {rec.members()}")
     return False
+
+
+def _stop(cfg: StackConfig, recs: list[PidRecord]) -> dict[str, list[int]]:
+    """Stop these recorded services (each with its own grace period) and let each service
+    clean up after its process; return what is left running, per service."""
+    services = {svc.name: svc for svc in services_for(cfg)}
+    leftovers = stop_groups(recs, {n: svc.stop_grace_s for n, svc in services.items()})
+    for name, left in leftovers.items():
+        if not left and name in services:
+            services[name].after_stop(cfg)
+    return leftovers
 
 
 def _wait_healthy(cfg: StackConfig, pending: dict[str, tuple[Service, PidRecord]],
@@ -228,7 +265,7 @@ def _summary(info: StackInfo) -> str:
         "Local stack is up:",
         f"  Ray jobs / dashboard  {info.ray_address}   (GCS {info.ray_gcs_address})",
         f"  MLflow UI / API       {info.mlflow_uri}",
-        f"  S3 (moto)             {info.s3_endpoint}   bucket s3://{info.bucket}",
+        f"  S3 (SeaweedFS)        {info.s3_endpoint}   bucket s3://{info.bucket}",
         f"  env file              {info.env_file}",
         "",
         f"  source {shlex.quote(str(info.env_file))}",
@@ -242,8 +279,9 @@ def _summary(info: StackInfo) -> str:
 def down(state_dir: Path | str | None = None, *, purge: bool = False,
          quiet: bool = False) -> dict[str, list[int]]:
     """Stop exactly the process groups recorded in `state_dir`; return leftovers per service
-    (empty lists when everything is gone). `purge` also deletes the state dir (MLflow database,
-    logs) and Ray's temp dir. Safe to call when nothing runs."""
+    (empty lists when everything is gone). Data stays; `purge` also deletes the state dir (S3
+    objects, MLflow database, logs) and the services' scratch dirs (Ray's temp dir, S3's
+    sockets). Safe to call when nothing runs."""
     state = resolve_state_dir(state_dir)
     if not state.is_dir():
         _say("Local stack is down (no state dir).", quiet)
@@ -251,9 +289,10 @@ def down(state_dir: Path | str | None = None, *, purge: bool = False,
     with state_lock(state):
         leftovers = _down_locked(state, quiet)
     if purge and not any(leftovers.values()):
-        cfg = load_config(state)
-        if cfg is not None and cfg.ray_temp_dir and Path(cfg.ray_temp_dir).is_dir():
-            shutil.rmtree(cfg.ray_temp_dir, ignore_errors=True)
+        cfg = load_config(state) or StackConfig(state)
+        for svc in services_for(cfg):
+            for scratch in svc.scratch_dirs(cfg):
+                shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
     _say("Local stack is down." if not any(leftovers.values()) else
          "Local stack is down, with leftovers (see above).", quiet)
@@ -266,8 +305,7 @@ def _down_locked(state: Path, quiet: bool) -> dict[str, list[int]]:
     for service, rec in recs.items():
         if rec.leader_alive() or rec.members():
             _say(f"{_tag(service)} stopping process group {rec.pid} ...", quiet)
-    grace = {svc.name: svc.stop_grace_s for svc in services_for(cfg or StackConfig(state))}
-    leftovers = stop_groups(list(recs.values()), grace)
+    leftovers = _stop(cfg or StackConfig(state), list(recs.values()))
     for service, left in leftovers.items():
         if left:
             _say(f"{_tag(service)} WARNING: still running after SIGKILL: {left}", quiet)
