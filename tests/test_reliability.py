@@ -1,8 +1,8 @@
 """Issue 9: faults injected into a real training pipeline, and nothing lost.
 
 Every test here runs `pipelines/train.py` against the shared `local_stack` (a real Ray head,
-a real MLflow server with sqlite, SeaweedFS S3 on loopback) and injects the fault for real: SIGKILL of
-a Ray Train worker process, a TCP proxy that drops the S3 connection in the middle of a
+a real MLflow server with sqlite, SeaweedFS S3 on loopback) and injects the fault for real:
+SIGKILL of a Ray Train worker process, a TCP proxy that drops the S3 connection in the middle of a
 checkpoint upload, a learning rate that really overflows the losses, a kernel file-size limit
 that makes a checkpoint write fail half-way, a pickle that tries to run code. Nothing is mocked.
 
