@@ -1,4 +1,4 @@
-"""Decoded images/s streamed from S3 (moto on loopback) vs the same shards on local disk.
+"""Decoded images/s streamed from S3 (SeaweedFS on loopback) vs the same shards on local disk.
 
     python -m bench.data_stream                       # 20k Fashion-MNIST images, 32 px
     python -m bench.data_stream --limit 60000 --out /tmp/ds.json
@@ -13,9 +13,10 @@ batching and [-1, 1] scaling are identical. Reported per mode:
 
 Median of ``--repeats`` alternating rounds; target ratio S3/local >= 0.9. Also reported: the
 ratio of images per client CPU-second (this process plus its loader workers), which stays
-meaningful when other jobs share the machine and make wall-clock rates swing. Note that moto serves
-from the same CPU as the reader, so on a 2-core box the server competes with decoding: a real
-S3/MinIO endpoint costs the client less CPU than this loopback setup.
+meaningful when other jobs share the machine and make wall-clock rates swing. Note that the S3
+server (the local stack's, infra/local/s3.py) runs on the same CPUs as the reader, so on a
+2-core box it competes with decoding: a remote endpoint costs the client less CPU than this.
+The server is stopped when the benchmark ends, is interrupted, or is killed (SIGTERM/timeout).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from infra.local.processes import exit_on_sigterm
 from infra.local.s3 import local_s3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,12 +88,13 @@ def time_train(path: str, batch_size: int, workers: int, batches: int
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()  # `timeout`/kill: leave through `with local_s3()`, which stops the server
     import boto3
 
     from sagan.data import load_manifest, prepare_dataset
 
-    with local_s3("bench") as endpoint, \
-            tempfile.TemporaryDirectory(prefix="sagan-bench-") as tmp:
+    with local_s3() as server, tempfile.TemporaryDirectory(prefix="sagan-bench-") as tmp:
+        endpoint = server.endpoint
         t0 = time.perf_counter()
         m = prepare_dataset(args.source, tmp, image_size=args.image_size, limit=args.limit,
                             samples_per_shard=args.samples_per_shard)

@@ -2,6 +2,17 @@
 weights) live in tests/fixtures/*.py, one module per service, and are registered here."""
 
 import os
+import signal
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# SIGTERM (`timeout`, a CI runner giving up) stops the run as Ctrl-C does: pytest then tears
+# down the session fixtures, which stop the servers and stacks they started. By default
+# SIGTERM would end pytest on the spot and orphan them.
+signal.signal(signal.SIGTERM, _interrupt)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -1,4 +1,4 @@
-"""sagan.data against a real S3 endpoint (moto on a free loopback port, see tests/fixtures/s3.py).
+"""sagan.data against a real S3 endpoint (SeaweedFS on loopback, see tests/fixtures/s3.py).
 
 Every test asserts numbers: exact sample counts and keys, pixel and label equality with the
 source after the same transform, exact skip/retry counts.

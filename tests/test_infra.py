@@ -18,24 +18,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.local.stack import (
-    DEV_CREDENTIALS,
-    PidRecord,
-    StackConfig,
-    _group_members,
-    _proc_stat,
-    down,
-    port_is_free,
-    ray_auth_headers,
-    read_env_file,
-    read_pid_records,
-)
+from infra.local.config import StackConfig, port_is_free
+from infra.local.processes import PidRecord, group_members, proc_stat, read_pid_records
+from infra.local.s3 import load_credentials
+from infra.local.services import ray_auth_headers, s3_client, s3_credentials_path
+from infra.local.stack import down, read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 UP = ROOT / "infra" / "local" / "up"
 DOWN = ROOT / "infra" / "local" / "down"
-STACK = ROOT / "infra" / "local" / "stack.py"
+STACK = ["-m", "infra.local"]  # the CLI, run from the repo root
 
 
 def _clean_env() -> dict[str, str]:
@@ -52,18 +45,12 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def _alive(pid: int) -> bool:
-    st = _proc_stat(pid)
+    st = proc_stat(pid)
     return st is not None and st[0] != "Z"
 
 
-def _s3_bucket_names(endpoint: str) -> list[str]:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint,
-                          aws_access_key_id=DEV_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=DEV_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                          region_name=DEV_CREDENTIALS["AWS_DEFAULT_REGION"])
-    return [b["Name"] for b in client.list_buckets()["Buckets"]]
+def _s3_bucket_names(cfg: StackConfig) -> list[str]:
+    return [b["Name"] for b in s3_client(cfg).list_buckets()["Buckets"]]
 
 
 def _get(url: str) -> bytes:
@@ -79,7 +66,7 @@ def _assert_all_healthy(cfg: StackConfig) -> None:
     assert json.loads(_get(cfg.ray_address + "/api/version"))["ray_version"] == ray.__version__
     assert isinstance(json.loads(_get(cfg.ray_address + "/api/jobs/")), list)
     assert _get(cfg.mlflow_uri + "/health").strip() == b"OK"
-    assert cfg.bucket in _s3_bucket_names(cfg.s3_endpoint)
+    assert cfg.bucket in _s3_bucket_names(cfg)
 
 
 @pytest.fixture
@@ -132,7 +119,7 @@ def test_up_healthy_up_again_down_leaves_nothing(tmp_path: Path, decoy: subproce
         recs = read_pid_records(state)
         assert set(recs) == {"s3", "mlflow", "ray"}
         assert all(r.leader_alive() for r in recs.values())
-        groups = {s: set(_group_members(r.pid)) for s, r in recs.items()}
+        groups = {s: set(group_members(r.pid)) for s, r in recs.items()}
         assert len(groups["ray"]) > 5  # gcs_server, raylet, dashboard, agents ... in one group
 
         # env file: sourceable by bash, pointing at this stack
@@ -143,7 +130,14 @@ def test_up_healthy_up_again_down_leaves_nothing(tmp_path: Path, decoy: subproce
         assert env["RAY_AUTH_MODE"] == "token"  # else `ray job submit` sends no token: 401
         assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{cfg.mlflow_port}"
         assert env["AWS_ENDPOINT_URL_S3"] == f"http://127.0.0.1:{cfg.s3_port}"
-        assert env["AWS_ACCESS_KEY_ID"] == "testing" and env["AWS_SECRET_ACCESS_KEY"] == "testing"
+        # S3 keys: generated for this state dir (no fixed strings), owner-only, never printed
+        keys = load_credentials(s3_credentials_path(state))
+        assert env["AWS_ACCESS_KEY_ID"] == keys.key_id != "testing"
+        assert env["AWS_SECRET_ACCESS_KEY"] == keys.secret and len(keys.secret) >= 32
+        for private in (cfg.env_file, s3_credentials_path(state)):
+            assert private.stat().st_mode & 0o077 == 0, private
+        logs = "".join(p.read_text() for p in (state / "logs").iterdir())
+        assert not any(v in text for text in [*outs, logs] for v in (keys.key_id, keys.secret))
         assert env["AWS_DEFAULT_REGION"] == "us-east-1"
         assert env["SAGAN_DATA_BUCKET"] == cfg.bucket
         assert read_env_file(cfg.env_file)["MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"]
@@ -165,7 +159,7 @@ def test_up_healthy_up_again_down_leaves_nothing(tmp_path: Path, decoy: subproce
         assert {s: r.pid for s, r in read_pid_records(state).items()} == \
             {s: r.pid for s, r in recs.items()}
         _assert_all_healthy(cfg)
-        st = _run([PY, str(STACK), "status", "--state-dir", str(state), "--json"])
+        st = _run([PY, *STACK, "status", "--state-dir", str(state), "--json"], cwd=ROOT)
         assert st.returncode == 0 and all(v["healthy"] for v in json.loads(st.stdout).values())
 
         # a conflicting port request against the running stack is refused, not half-applied
@@ -180,7 +174,7 @@ def test_up_healthy_up_again_down_leaves_nothing(tmp_path: Path, decoy: subproce
         assert not _alive(rec.pid), service
         still = [p for p in groups[service] if _alive(p)]
         assert still == [], (service, still)
-        assert _group_members(rec.pid) == [], service
+        assert group_members(rec.pid) == [], service
     for port in cfg.all_ports():
         assert port_is_free(port), port
     assert not cfg.env_file.exists()
@@ -197,7 +191,7 @@ def test_up_healthy_up_again_down_leaves_nothing(tmp_path: Path, decoy: subproce
 def test_down_never_signals_a_recycled_pid(tmp_path: Path, decoy: subprocess.Popen) -> None:
     """A pid file whose pid now belongs to another process (pid reuse after a crash or
     reboot) must not lead `down` to kill that process: the recorded start time differs."""
-    st = _proc_stat(decoy.pid)
+    st = proc_stat(decoy.pid)
     assert st is not None
     rec = PidRecord(service="ray", pid=decoy.pid, start_ticks=st[2] - 1, cmd=["ray"], log="")
     (tmp_path / "pids").mkdir()
@@ -212,8 +206,8 @@ def test_down_never_signals_a_recycled_pid(tmp_path: Path, decoy: subprocess.Pop
 def test_cli_help_and_status_without_a_stack(tmp_path: Path) -> None:
     helped = _run([str(UP), "--help"])
     assert helped.returncode == 0 and "--free-ports" in helped.stdout
-    assert _run([PY, str(STACK), "--help"]).returncode == 0
-    st = _run([PY, str(STACK), "status", "--state-dir", str(tmp_path)])
+    assert _run([PY, *STACK, "--help"], cwd=ROOT).returncode == 0
+    st = _run([PY, *STACK, "status", "--state-dir", str(tmp_path)], cwd=ROOT)
     assert st.returncode == 1 and st.stdout.count("down") == 3
     assert _run([str(DOWN), "--state-dir", str(tmp_path)]).returncode == 0
 
@@ -245,11 +239,8 @@ def test_job_on_local_stack_uses_project_python_and_logs_artifacts_to_s3(
     assert Path(exe).resolve().parent == Path(PY).resolve().parent
     assert mlflow_uri == local_stack.mlflow_uri and s3 == local_stack.s3_endpoint
 
-    import boto3
 
-    client = boto3.client("s3", endpoint_url=local_stack.s3_endpoint,
-                          aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
+    client = s3_client(local_stack.config)
     keys = [o["Key"] for o in client.list_objects_v2(
         Bucket=local_stack.bucket, Prefix="mlflow/").get("Contents", [])]
     assert any(k.endswith(f"{run_id}/artifacts/probe.txt") for k in keys), keys

@@ -1,8 +1,8 @@
 """Issue 9: faults injected into a real training pipeline, and nothing lost.
 
 Every test here runs `pipelines/train.py` against the shared `local_stack` (a real Ray head,
-a real MLflow server with sqlite, moto S3 on loopback) and injects the fault for real: SIGKILL of
-a Ray Train worker process, a TCP proxy that drops the S3 connection in the middle of a
+a real MLflow server with sqlite, SeaweedFS S3 on loopback) and injects the fault for real:
+SIGKILL of a Ray Train worker process, a TCP proxy that drops the S3 connection in the middle of a
 checkpoint upload, a learning rate that really overflows the losses, a kernel file-size limit
 that makes a checkpoint write fail half-way, a pickle that tries to run code. Nothing is mocked.
 
@@ -26,7 +26,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -36,7 +35,7 @@ from sagan.checkpoint import CheckpointError, load_checkpoint, restore_trainer
 from sagan.config import load_config
 from sagan.training import GANTrainer
 from tests.fixtures.s3 import TcpProxy
-from tests.fixtures.stack import JOB_TINY, ROOT, runs_named
+from tests.fixtures.stack import JOB_TINY, ROOT, Driver, run_driver, runs_named, start_driver
 
 TINY = [*JOB_TINY, "train.sample_every=0"]
 STEP_LINE = re.compile(r"\(RayTrainWorker pid=(\d+)\).*\bstep (\d+)/(\d+) ")
@@ -59,54 +58,6 @@ def traceback_sources(out: str) -> set[str]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@dataclass
-class Driver:
-    """A `pipelines/train.py` process whose merged output is collected line by line while it
-    runs (the tests react to progress: first checkpoint, worker pids)."""
-
-    proc: subprocess.Popen
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait(self, timeout: float = 420) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            pytest.fail(f"driver still running after {timeout} s; output tail:\n"
-                        + self.text[-4000:])
-
-
-def start_driver(stack, args: list[str], env: dict[str, str] | None = None) -> Driver:
-    """Start the driver on the stack's cluster; `env` adds to the stack's environment."""
-    # RAY_DEDUP_LOGS=0: the tests count lines (worker-group starts, resumes) that Ray's log
-    # deduplication would otherwise fold into "[repeated Nx across cluster]".
-    proc = subprocess.Popen([sys.executable, "pipelines/train.py", *args],
-                            env={**stack.environ(), "RAY_DEDUP_LOGS": "0", **(env or {})},
-                            cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    driver = Driver(proc)
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            driver.lines.append(line.rstrip("\n"))
-
-    threading.Thread(target=pump, daemon=True).start()
-    return driver
-
-
-def run_driver(stack, args: list[str], env: dict[str, str] | None = None,
-               timeout: float = 420) -> tuple[int, str]:
-    driver = start_driver(stack, args, env)
-    rc = driver.wait(timeout)
-    time.sleep(0.2)  # let the pump thread drain the pipe
-    return rc, driver.text
 
 
 def wait_for(predicate, timeout: float, what: str, driver: Driver | None = None) -> None:

@@ -1,5 +1,5 @@
 """Issue 5 end to end: `ray job submit ... pipelines/train.py` on a real local Ray cluster, shards
-in a real S3 endpoint (moto server), a real MLflow server (sqlite) — all on loopback."""
+in a real S3 endpoint (SeaweedFS), a real MLflow server (sqlite) — all on loopback."""
 
 from __future__ import annotations
 

@@ -54,9 +54,9 @@ if [ "${SAGAN_SKIP_SETUP:-0}" != 1 ]; then
 fi
 
 # ---------------------------------------------------------------- 3. local stack
-step "Local stack: S3 (moto), MLflow server, Ray head"
+step "Local stack: S3 (SeaweedFS), MLflow server, Ray head"
 # shellcheck disable=SC2086  # SAGAN_UP_ARGS is a list of options on purpose
-python infra/local/stack.py up ${SAGAN_UP_ARGS:-}
+python -m infra.local up ${SAGAN_UP_ARGS:-}
 STATE_DIR="${SAGAN_STATE_DIR:-$ROOT/.state}"
 # shellcheck disable=SC1091
 source "$STATE_DIR/env"
@@ -121,4 +121,5 @@ except Exception as exc:  # registration can be switched off (--no-register)
     sys.exit(1)
 PY
 echo
-echo "Stack stays up for more runs: 'source $STATE_DIR/env'; stop it with infra/local/down."
+echo "Stack stays up for more runs: 'source $STATE_DIR/env'. infra/local/down stops it and keeps"
+echo "the shards, runs and models for the next infra/local/up; 'infra/local/down --purge' deletes them."

