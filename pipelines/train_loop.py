@@ -128,7 +128,7 @@ def _rank0_outputs(cfg: Config, trainer: GANTrainer, logger: Any, device: torch.
         logger.log_image(sample_grid(G_ema, seed=0, device=device),
                          f"samples/step_{step:07d}.png")
     if do_eval:
-        from sagan.metrics import compute_metrics
+        from sagan.eval import compute_metrics
 
         values.update(compute_metrics(G_ema, cfg.eval, real=cfg.data.path, device=device,
                                       num_classes=cfg.model.num_classes,
