@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup quickstart test lint bench clean-state
+.PHONY: setup quickstart test lint bench clean-state inception-weights
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 	bash infra/local/ensure_fashion_mnist.sh
+	bash infra/local/ensure_inception_weights.sh
+
+# standard FID/KID Inception weights, offline (part of setup)
+inception-weights: $(VENV)/.installed
+	bash infra/local/ensure_inception_weights.sh
 
 quickstart: setup
 	bash infra/local/quickstart.sh $(ARGS)

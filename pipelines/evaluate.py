@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.model_io import ModelSourceError, load_generator_any, resolve_device
     from sagan.checkpoint import CheckpointError
     from sagan.data import DataError
-    from sagan.metrics import (
+    from sagan.eval import (
         InceptionWeightsError,
         RealDataError,
         compute_metrics,

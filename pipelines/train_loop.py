@@ -122,16 +122,15 @@ def _setup_error(exc: BaseException, cfg: PipelineConfig) -> str | None:
 
 
 def evaluate(session: Session, cfg: PipelineConfig, trainer: GANTrainer) -> dict[str, float]:
-    """FID/KID/IS of the EMA generator (eval.metrics). Every rank calls it at every eval step,
-    so the work can be shared out (each rank generating and featurising its part, rank 0
-    scoring); today rank 0 does all of it and the others return {}."""
-    if session.rank != 0:
-        return {}
-    from sagan.metrics import compute_metrics
+    """FID/KID/IS of the EMA generator (eval.metrics) against the held-out images at
+    eval.real_path (data.path when unset). Every rank calls it at every eval step: each
+    generates and featurises its share, rank 0 scores and every rank gets the result."""
+    from sagan.eval import compute_metrics
 
-    return compute_metrics(trainer.ema_generator(), cfg.eval, real=cfg.data.path,
-                           device=session.device, num_classes=cfg.model.num_classes,
-                           endpoint_url=cfg.data.endpoint_url)
+    return compute_metrics(trainer.ema_generator(), cfg.eval,
+                           real=cfg.eval.real_path or cfg.data.path, device=session.device,
+                           num_classes=cfg.model.num_classes,
+                           endpoint_url=cfg.data.endpoint_url, seed=cfg.train.seed)
 
 
 def _publish(cfg: PipelineConfig, trainer: GANTrainer, logger: Any, device: torch.device,

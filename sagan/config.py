@@ -90,6 +90,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     eval_every: int = 0  # 0 disables in-training evaluation
+    # Held-out images the generator is scored against (a prepared shard path, like data.path;
+    # None: data.path itself, i.e. FID against the training set, which flatters memorisation).
+    real_path: str | None = None
     num_samples: int = 5000
     real_samples: int = 5000
     batch_size: int = 64

