@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 import sagan.eval as M
-from sagan.eval import weights as W
 from sagan.config import EvalConfig, load_config
+from sagan.eval import weights as W
 from sagan.models import Generator
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -245,7 +245,9 @@ def conversion_error(converted: nn.Module, script: torch.jit.ScriptModule,
                      images: torch.Tensor) -> float:
     """Relative L2 difference of pool3 features: torch-fidelity with the converted weights vs
     the TorchScript network fed the same resized, (x - 128) / 128 input."""
-    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    from torch_fidelity.interpolate_compat_tensorflow import (
+        interpolate_bilinear_2d_like_tensorflow1x,
+    )
 
     with torch.no_grad():
         ours = converted(images)[0].double()
