@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-POLICIES = ("color", "translation", "cutout")
+from sagan.config import DIFFAUGMENT_POLICIES
 
 
 def _rand(x: torch.Tensor, *shape: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -63,6 +63,8 @@ def cutout(x: torch.Tensor, ratio: float = 0.5,
 
 
 _OPS = {"color": color, "translation": translation, "cutout": cutout}
+POLICIES = DIFFAUGMENT_POLICIES  # the names train.diffaugment takes (validated in sagan.config)
+assert set(_OPS) == set(POLICIES)
 
 
 def diff_augment(x: torch.Tensor, policy: Sequence[str],

@@ -253,18 +253,27 @@ def refresh_spectral_norm(module: nn.Module, iterations: int = 20) -> None:
 class ConditionalBatchNorm2d(nn.Module):
     """BatchNorm whose per-channel gain and bias come from the class label.
 
-    gain = 1 + SN-embedding(y), bias = SN-embedding(y): the `1 +` keeps the layer an ordinary BN
-    at init however the (unit-spectral-norm) embeddings start. With num_classes == 0 it is a plain
-    affine BatchNorm2d, so G needs a single code path.
+    form="sn" (BigGAN-PyTorch): gain = 1 + SN-embedding(y), bias = SN-embedding(y); the `1 +`
+    keeps the layer an ordinary BN at init however the (unit-spectral-norm) embeddings start.
+    form="plain" (the official SAGAN code): per-class gain and bias tables initialised to 1 and 0,
+    no SN; Adam moves each entry by ~lr per step, so classes separate within a few hundred steps.
+    With num_classes == 0 it is a plain affine BatchNorm2d, so G needs a single code path.
     """
 
-    def __init__(self, num_features: int, num_classes: int, momentum: float = 0.1):
+    def __init__(self, num_features: int, num_classes: int, momentum: float = 0.1,
+                 form: str = "sn"):
         super().__init__()
         self.num_classes = num_classes
         self.bn = nn.BatchNorm2d(num_features, affine=num_classes == 0, momentum=momentum)
-        if num_classes > 0:
+        self.gain_offset = 1.0 if form == "sn" else 0.0
+        if num_classes > 0 and form == "sn":
             self.gain = sn_embedding(num_classes, num_features)
             self.bias = sn_embedding(num_classes, num_features)
+        elif num_classes > 0:
+            self.gain = nn.Embedding(num_classes, num_features)
+            self.bias = nn.Embedding(num_classes, num_features)
+            nn.init.ones_(self.gain.weight)
+            nn.init.zeros_(self.bias.weight)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = self.bn(x)
@@ -273,7 +282,7 @@ class ConditionalBatchNorm2d(nn.Module):
         if y is None:
             raise ValueError("ConditionalBatchNorm2d: class labels y are required "
                              f"(num_classes={self.num_classes})")
-        g = 1.0 + self.gain(y)
+        g = self.gain(y) + self.gain_offset
         b = self.bias(y)
         # one fused pass (b + h * g) instead of a multiply and an add over the feature map
         return torch.addcmul(b[:, :, None, None], h, g[:, :, None, None])

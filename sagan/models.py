@@ -1,7 +1,8 @@
 """SAGAN ResNet Generator and projection Discriminator for 32, 64 and 128 px.
 
 Channel widths per resolution follow BigGAN-PyTorch's `G_arch`/`D_arch` tables (the 128 px table is
-the official SAGAN one: G 16-16-8-4-2-1 x ch, D 1-2-4-8-16-16 x ch). Attention goes after the block
+the official SAGAN one: G 16-16-8-4-2-1 x ch, D 1-2-4-8-16-16 x ch); `model.g_mults`/`d_mults`
+replace them. Attention goes after the block
 whose *output* has the listed resolution, e.g. `g_attention: [64]` at 128 px puts it on the 64x64
 map, as in the paper's best model (feat64).
 """
@@ -30,11 +31,11 @@ def _attention(cfg: ModelConfig, channels: int) -> SelfAttention:
 class GBlock(nn.Module):
     """(c)BN -> ReLU -> 2x nearest up -> SN conv3x3 -> (c)BN -> ReLU -> SN conv3x3, + 1x1 skip."""
 
-    def __init__(self, in_ch: int, out_ch: int, num_classes: int):
+    def __init__(self, in_ch: int, out_ch: int, num_classes: int, cbn: str = "sn"):
         super().__init__()
-        self.bn1 = ConditionalBatchNorm2d(in_ch, num_classes)
+        self.bn1 = ConditionalBatchNorm2d(in_ch, num_classes, form=cbn)
         self.conv1 = sn_conv2d(in_ch, out_ch, 3)
-        self.bn2 = ConditionalBatchNorm2d(out_ch, num_classes)
+        self.bn2 = ConditionalBatchNorm2d(out_ch, num_classes, form=cbn)
         self.conv2 = sn_conv2d(out_ch, out_ch, 3)
         self.skip = sn_conv2d(in_ch, out_ch, 1)
 
@@ -80,13 +81,14 @@ class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        mults = G_MULTS[cfg.image_size]
+        mults = cfg.g_mults or G_MULTS[cfg.image_size]
         chans = [cfg.g_ch * m for m in mults]
         self.num_classes, self.z_dim = cfg.num_classes, cfg.z_dim
         self.resolutions = g_resolutions(cfg.image_size)
         self.linear = sn_linear(cfg.z_dim, 4 * 4 * chans[0])
         self.blocks = nn.ModuleList(
-            GBlock(chans[i], chans[i + 1], cfg.num_classes) for i in range(len(chans) - 1))
+            GBlock(chans[i], chans[i + 1], cfg.num_classes, cfg.cbn)
+            for i in range(len(chans) - 1))
         self.block_res = [4 * 2 ** (i + 1) for i in range(len(self.blocks))]
         self.attention = nn.ModuleDict(
             {str(r): _attention(cfg, chans[self.block_res.index(r) + 1])
@@ -128,7 +130,7 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        mults = D_MULTS[cfg.image_size]
+        mults = cfg.d_mults or D_MULTS[cfg.image_size]
         chans = [cfg.d_ch * m for m in mults]
         n_down = int(math.log2(cfg.image_size // 4))
         self.num_classes = cfg.num_classes

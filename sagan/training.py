@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sagan.config import Config
+from sagan.diffaugment import diff_augment
 from sagan.layers import refresh_spectral_norm, set_channels_last, set_fused_resampling
 from sagan.losses import get_losses
 from sagan.models import Discriminator, Generator, attention_layers
@@ -116,6 +117,10 @@ class GANTrainer:
     def _sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.G_raw.sample_inputs(n, generator=self.noise, device=self.device)
 
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """DiffAugment (train.diffaugment) of D's input, drawn from this rank's noise stream."""
+        return diff_augment(x, self.t.diffaugment, self.noise) if self.t.diffaugment else x
+
     def _finite_flag(self, loss: torch.Tensor) -> torch.Tensor:
         """1.0 if `loss` is finite on every rank, else 0.0, as a device tensor (no host sync).
         The MIN all-reduce makes all ranks agree, so none skips an update the others apply."""
@@ -205,7 +210,8 @@ class GANTrainer:
         with torch.no_grad(), self.autocast():
             z, y_fake = self._sample(b)
             fake = self._G_sample(z, y_fake)
-        x = torch.cat([real, fake.to(real.dtype)]).contiguous(memory_format=self.memory_format)
+        x = self._augment(torch.cat([real, fake.to(real.dtype)]))
+        x = x.contiguous(memory_format=self.memory_format)
         y = torch.cat([y_real, y_fake]) if y_real is not None else None
         with self.autocast():
             logits = self.D(x, y).float()
@@ -223,7 +229,7 @@ class GANTrainer:
         try:
             z, y = self._sample(batch_size)
             with self.autocast():
-                fake = self.G(z, y)
+                fake = self._augment(self.G(z, y))
                 logits = self._D_frozen(fake.contiguous(memory_format=self.memory_format),
                                         y).float()
             loss = self.g_loss_fn(logits)

@@ -62,3 +62,32 @@ def test_differentiable_reproducible_and_per_generator(policy: list[str]) -> Non
     assert torch.equal(out, diff_augment(x, policy, _gen(7)))  # same seed, same draw
     assert not torch.equal(out, diff_augment(x, policy, _gen(8)))  # other rank, other draw
     assert diff_augment(x, [], _gen(7)) is x
+
+
+def test_trainer_augments_what_d_sees_in_both_steps_from_its_noise_stream() -> None:
+    """train.diffaugment: the D step scores augmented real and fake images and the G step an
+    augmented fake, drawn from the trainer's per-rank noise generator (so runs are repeatable)."""
+    from sagan.config import Config
+    from sagan.training import GANTrainer
+
+    def trainer(policy: list[str]) -> GANTrainer:
+        cfg = Config()
+        cfg.model.g_ch = cfg.model.d_ch = 8
+        cfg.model.channels = 1
+        cfg.train.diffaugment = policy
+        cfg.validate()
+        return GANTrainer(cfg)
+
+    real, y = torch.rand(8, 1, 32, 32) * 2 - 1, torch.arange(8) % 10
+    plain, aug, aug2 = trainer([]), trainer(["translation", "cutout"]), trainer(
+        ["translation", "cutout"])
+    seen: list[torch.Tensor] = []
+    aug.D_raw.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    d_plain, d_aug, d_aug2 = plain.d_step(real, y), aug.d_step(real, y), aug2.d_step(real, y)
+    # the same real batch, but D saw it shifted / cut out: some pixels are exactly zero
+    assert not torch.equal(seen[0][:8], real)
+    assert (seen[0][:8] == 0).float().mean() > 0.2 > (real == 0).float().mean()
+    assert d_aug["loss_d"] != d_plain["loss_d"]
+    assert d_aug["loss_d"] == d_aug2["loss_d"]  # same seed, same draws
+    aug.g_step(8)
+    assert (seen[-1] == 0).float().mean() > 0.2  # the G step's fakes are augmented too

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sagan.config import load_config
+from sagan.config import ModelConfig, load_config
 from sagan.layers import SelfAttention
 from sagan.models import Discriminator, Generator, attention_layers
 
@@ -55,3 +55,51 @@ def test_greyscale_and_label_checks():
         G(z)
     with pytest.raises(ValueError, match="y is required"):
         D(torch.zeros(2, 1, 32, 32))
+
+
+def test_plain_cbn_is_the_official_per_class_table_without_sn():
+    """model.cbn=plain: gamma from 1, beta from 0, plain embeddings (no SN parametrization)."""
+    from torch.nn.utils import parametrize
+
+    from sagan.layers import ConditionalBatchNorm2d
+
+    plain = ConditionalBatchNorm2d(6, 4, form="plain")
+    assert not parametrize.is_parametrized(plain.gain)
+    assert torch.equal(plain.gain.weight, torch.ones(4, 6))
+    assert torch.equal(plain.bias.weight, torch.zeros(4, 6))
+    x, y = torch.randn(8, 6, 5, 5), torch.randint(0, 4, (8,))
+    torch.testing.assert_close(plain(x, y), plain.bn(x))  # identity affine at init
+    with torch.no_grad():
+        plain.gain.weight[2] = 3.0
+        plain.bias.weight[2] = -1.0
+    out, h = plain(x, y), plain.bn(x)
+    torch.testing.assert_close(out[y == 2], 3.0 * h[y == 2] - 1.0)
+    torch.testing.assert_close(out[y != 2], h[y != 2])
+    assert parametrize.is_parametrized(ConditionalBatchNorm2d(6, 4, form="sn").gain)
+
+
+def test_width_multipliers_replace_the_table():
+    cfg = ModelConfig(image_size=32, g_ch=8, d_ch=8, g_mults=[16, 8, 4, 2],
+                      d_mults=[2, 4, 8, 16], cbn="plain", g_attention=[16], d_attention=[16])
+    G, D = Generator(cfg), Discriminator(cfg)
+    assert [b.conv2.out_channels for b in G.blocks] == [64, 32, 16]
+    assert G.linear.out_features == 4 * 4 * 128
+    assert [b.conv2.out_channels for b in D.blocks] == [16, 32, 64, 128]
+    x = G(torch.randn(4, cfg.z_dim), torch.arange(4))
+    assert x.shape == (4, 3, 32, 32)
+    assert D(x, torch.arange(4)).shape == (4,)
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("g_mults", [16, 8, 4], "must list 4 positive multipliers"),
+    ("d_mults", [2, 4, 0, 16], "must list 4 positive multipliers"),
+    ("cbn", "spectral", "must be one of ['sn', 'plain']"),
+])
+def test_width_and_cbn_errors_name_the_field(field, value, words):
+    from sagan.config import Config, ConfigError
+
+    cfg = Config()
+    setattr(cfg.model, field, value)
+    with pytest.raises(ConfigError, match=f"model.{field}") as err:
+        cfg.validate()
+    assert words in str(err.value)
