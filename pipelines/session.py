@@ -23,6 +23,7 @@ class Session:
     _report: Callable[..., None]
     _get_checkpoint: Callable[[], Any]
     _checkpoint_cls: Any
+    node: str = ""  # the Ray node id this worker runs on (progress lines, multi-node tests)
 
     @classmethod
     def for_ray_train(cls) -> Session:
@@ -32,7 +33,8 @@ class Session:
 
         ctx = ray.train.get_context()
         return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
-                   ray.train.report, ray.train.get_checkpoint, ray.train.Checkpoint)
+                   ray.train.report, ray.train.get_checkpoint, ray.train.Checkpoint,
+                   ray.get_runtime_context().get_node_id())
 
     @classmethod
     def for_tune_trial(cls) -> Session:
@@ -40,7 +42,8 @@ class Session:
         import ray.tune
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(0, 1, device, ray.tune.report, ray.tune.get_checkpoint, ray.tune.Checkpoint)
+        return cls(0, 1, device, ray.tune.report, ray.tune.get_checkpoint, ray.tune.Checkpoint,
+                   ray.get_runtime_context().get_node_id())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         """Report `metrics` (and the checkpoint in `checkpoint_dir`, uploaded to the run's
