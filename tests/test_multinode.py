@@ -223,3 +223,47 @@ def test_fixed_workers_wait_for_a_node_and_say_why(cluster):
     assert f"done: step {steps}/{steps}" in driver.text
     assert [g[0][2] for g in groups(driver.text)][-1] == 2
     assert loss_steps(cluster, "fixed") == list(range(1, steps + 1))
+
+
+# --------------------------------------------------------------------------- config (no cluster)
+
+
+def test_elastic_workers_placement_and_global_batch_config():
+    """`cluster.workers: [min, max]` (also as train.workers) becomes ScalingConfig's (min, max);
+    the global batch must split evenly at every size in the range; bad values are one line."""
+    from pipelines.config import load_run_config
+    from sagan.config import ConfigError
+
+    cfg = load_run_config(None, ["train.workers=[1,2]", "train.placement=spread",
+                                 "train.batch_size=16"])
+    assert cfg.cluster.num_workers() == (1, 2) and cfg.cluster.placement == "spread"
+    assert load_run_config(None, ["cluster.workers=2"]).cluster.num_workers() == 2
+    for overrides, message in [
+        (["cluster.workers=[1,3]", "train.batch_size=16"], "'train.batch_size': 16 is not "
+         "divisible by every world size in cluster.workers=[1, 3] (not by 3)"),
+        (["cluster.workers=[2,1]"], "'cluster.workers': must be >= 1 (and min <= max)"),
+        (["cluster.workers=[1,2,3]"], "'cluster.workers': must be N or [min, max]"),
+        (["cluster.workers=two"], "'cluster.workers': expected int or list"),
+        (["cluster.placement=anywhere"], "'cluster.placement': must be one of pack, spread, "
+         "strict_spread"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_run_config(None, overrides)
+        assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_node_local_storage_refused_on_several_nodes():
+    """With more than one node, checkpoints on a node-local path are refused in one line,
+    unless the user declares the path shared; s3:// always passes."""
+    from pipelines.config import load_run_config
+    from pipelines.preflight import PreflightError, refuse_local_storage_on_many_nodes
+
+    local = load_run_config(None, ["cluster.storage_path=/tmp/runs"])
+    refuse_local_storage_on_many_nodes(local, 1)
+    with pytest.raises(PreflightError, match=r"cluster.storage_path '/tmp/runs' is node-local "
+                                             r"and the Ray cluster has 3 nodes"):
+        refuse_local_storage_on_many_nodes(local, 3)
+    refuse_local_storage_on_many_nodes(
+        load_run_config(None, ["cluster.storage_path=/nfs/runs", "cluster.shared_storage=true"]), 3)
+    refuse_local_storage_on_many_nodes(
+        load_run_config(None, ["cluster.storage_path=s3://b/runs"]), 3)
