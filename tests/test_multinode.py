@@ -225,6 +225,66 @@ def test_fixed_workers_wait_for_a_node_and_say_why(cluster):
     assert loss_steps(cluster, "fixed") == list(range(1, steps + 1))
 
 
+@pytest.mark.slow
+def test_sweep_two_trials_of_two_workers(cluster, inception_weights, tmp_path):
+    """A Tune sweep on the multi-node cluster: 2 trials, each a TorchTrainer of 2 workers
+    inside the trial (FID computed across both workers), ASHA on FID, one nested MLflow run per
+    trial under the sweep's parent, sweep-best registered."""
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from ray.tune import ExperimentAnalysis
+
+    from tests.fixtures.stack import ROOT
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": "configs/quickstart.yaml",
+        "overrides": [
+            *[o for o in TINY if not o.startswith("cluster.cpus")], "cluster.workers=2",
+            "cluster.cpus_per_worker=0.5", "train.steps=4", "train.ckpt_every=2",
+            "train.log_every=2", "eval.eval_every=2", "eval.num_samples=16",
+            "eval.real_samples=16", "eval.batch_size=8", "eval.metrics=[fid]",
+            f"eval.inception_weights={inception_weights}", f"eval.cache_dir={tmp_path / 'fid'}",
+            f"data.path=s3://{cluster.bucket}/fashion-600",
+            f"cluster.storage_path=s3://{cluster.bucket}/sweep-runs",
+            "tracking.registered_model=mn-sweep-gen", "tracking.experiment=mn-sweep"],
+        "search_space": {"lr_d": {"grid": [2.0e-4, 4.0e-4]}},
+        "tune": {"name": "mn-sweep", "num_samples": 1, "max_concurrent_trials": 2,
+                 "metric": "fid", "mode": "min", "grace_period": 1, "reduction_factor": 2,
+                 "storage_path": str(tmp_path / "tune")},
+    }))
+    proc = subprocess.run([sys.executable, "pipelines/tune.py", "--config", str(sweep)],
+                          env={**cluster.environ(), "RAY_DEDUP_LOGS": "0"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "sweep mn-sweep: 2 trials" in out
+    started = STARTED.findall(out)
+    assert len(started) == 4 and {w for _, _, w, _ in started} == {"2"}, started
+
+    analysis = ExperimentAnalysis(str(tmp_path / "tune" / "mn-sweep"))
+    trials = {t.trial_id: t for t in analysis.trials}
+    assert len(trials) == 2
+    for t in trials.values():  # ASHA saw FID at the rungs (steps 2, 4) of every trial
+        df = analysis.trial_dataframes[t.trial_id]
+        assert df["fid"].notna().sum() >= 1 and set(df["step"].astype(int)) <= {2, 4}
+
+    client = MlflowClient(cluster.mlflow_uri)
+    exp = client.get_experiment_by_name("mn-sweep")
+    (parent,) = client.search_runs([exp.experiment_id],
+                                   filter_string="tags.`sagan.sweep_parent` = 'mn-sweep'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert {c.data.tags["sagan.trial_id"] for c in children} == set(trials)
+    best_tid = min(trials, key=lambda tid: trials[tid].last_result["fid"])
+    best = client.get_model_version_by_alias("mn-sweep-gen", "sweep-best")
+    assert best.run_id == {c.data.tags["sagan.trial_id"]: c for c in children}[best_tid] \
+        .info.run_id
+
+
 # --------------------------------------------------------------------------- config (no cluster)
 
 
