@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from infra.local.config import StackConfig
+from infra.local.config import StackConfig, StackError
 from infra.local.processes import read_pid_records
 from infra.local.stack import StackInfo, down, up
 from tests.fixtures.stack import JOB_TINY, start_driver
@@ -40,7 +40,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     state = tmp_path_factory.mktemp("multinode")
     cfg = StackConfig.with_free_ports(state, ray_num_cpus=0, ray_nodes=2, ray_node_cpus=2,
                                       ray_object_store_mb=256)
-    info = up(cfg, quiet=True)
+    try:
+        info = up(cfg, quiet=True)
+    except StackError:
+        # `ray start` gives its own raylet a hard-coded 30 s to register with the GCS, which a
+        # badly overloaded machine can miss; up() stopped what it started, so try once more
+        info = up(cfg, quiet=True)
     try:
         with pytest.MonkeyPatch.context() as mp:
             for key, value in info.environ().items():
