@@ -334,6 +334,8 @@ class RayHead(Service):
         work. The token lives where Ray keeps it (~/.ray/auth_token, or RAY_AUTH_TOKEN[_PATH]);
         it is never printed.
         """
+        # written by `ray start` once its node is up: stale, it would pass the check below
+        (Path(str(cfg.ray_temp_dir)) / "ray_current_cluster").unlink(missing_ok=True)
         if os.environ.get("RAY_AUTH_TOKEN"):
             return
         path = _ray_token_path()
@@ -345,7 +347,11 @@ class RayHead(Service):
             raise StackError(f"could not create a Ray auth token: {res.stderr.strip()[-500:]}")
 
     def check(self, cfg: StackConfig) -> str | None:
-        """None when the dashboard answers /api/version and the job API lists jobs."""
+        """None when `ray start` has finished (it writes the GCS address last: the dashboard
+        answers earlier, and worker nodes need that address) and the dashboard answers
+        /api/version and the job API lists jobs."""
+        if not (Path(str(cfg.ray_temp_dir)) / "ray_current_cluster").is_file():
+            return "`ray start` has not finished (no GCS address written yet)"
         headers = ray_auth_headers()
         try:
             version = json.loads(_http_get(cfg.ray_address + "/api/version", headers))
