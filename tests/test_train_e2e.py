@@ -53,7 +53,8 @@ def test_job_trains_logs_and_registers(local_stack, stack_shards, inception_weig
         f"train.storage_path={storage}", "train.run_name=e2e",
         "tracking.registered_model=e2e-gen", "eval.eval_every=12", "eval.num_samples=20",
         "eval.real_samples=20", "eval.batch_size=10", "eval.metrics=[fid, kid]",
-        f"eval.inception_weights={inception_weights}", f"eval.cache_dir={tmp_path / 'fid'}"])
+        f"eval.inception_weights={inception_weights}", f"eval.cache_dir={tmp_path / 'fid'}",
+        f"eval.real_path={stack_shards}"])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "done: step 12/12" in out
