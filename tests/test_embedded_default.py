@@ -168,7 +168,7 @@ def test_readme_embedded_default_on_a_fresh_copy(tmp_path: Path, inception_weigh
     """README commands run here, in a fresh copy of the repo with no stack:
     `python pipelines/train.py` (small overrides), then
     `python pipelines/evaluate.py --model models:/sagan-fashion-quickstart@latest --data
-    data/fashion-mnist-32 --num-samples 5000 --out metrics.json` (fewer samples, offline
+    data/fashion-mnist-32-test --num-samples 5000 --out metrics.json` (fewer samples, offline
     weights) and `python pipelines/sample.py --model runs/quickstart/checkpoint_XXX/checkpoint.pt
     --out grid.png --attention-out attention.png --query 8,8 --query 20,12`; then the first
     command once more while another (two-node) Ray cluster is up, which it must not join; and a
@@ -204,7 +204,7 @@ def test_readme_embedded_default_on_a_fresh_copy(tmp_path: Path, inception_weigh
     assert champion.version == "1" and float(champion.tags["fid"]) == pytest.approx(fid.value)
 
     evaluated = run(["pipelines/evaluate.py", "--model", "models:/sagan-fashion-quickstart@latest",
-                     "--data", "data/fashion-mnist-32", "--num-samples", "5000",
+                     "--data", "data/fashion-mnist-32-test", "--num-samples", "5000",
                      "--out", "metrics.json", "--num-samples", "20", "--real-samples", "20",
                      "--batch-size", "10", "--inception-weights", str(inception_weights),
                      "--cache-dir", str(tmp_path / "fid"), "--no-progress"], repo, env)
