@@ -127,10 +127,12 @@ def evaluate(session: Session, cfg: PipelineConfig, trainer: GANTrainer) -> dict
     generates and featurises its share, rank 0 scores and every rank gets the result."""
     from sagan.eval import compute_metrics
 
-    return compute_metrics(trainer.ema_generator(), cfg.eval,
-                           real=cfg.eval.real_path or cfg.data.path, device=session.device,
-                           num_classes=cfg.model.num_classes,
-                           endpoint_url=cfg.data.endpoint_url, seed=cfg.train.seed)
+    t0 = time.perf_counter()
+    scores = compute_metrics(trainer.ema_generator(), cfg.eval,
+                             real=cfg.eval.real_path or cfg.data.path, device=session.device,
+                             num_classes=cfg.model.num_classes,
+                             endpoint_url=cfg.data.endpoint_url, seed=cfg.train.seed)
+    return {**scores, "eval_seconds": time.perf_counter() - t0}  # training stops this long
 
 
 def _publish(cfg: PipelineConfig, trainer: GANTrainer, logger: Any, device: torch.device,
