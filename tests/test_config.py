@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if not p.name.startswith("sweep")],
+@pytest.mark.parametrize("preset", [p for p in PRESETS
+                                    if not p.name.startswith(("sweep", "results"))],
                          ids=lambda p: p.name)
 def test_presets_load(preset):
     cfg = load_config(preset)
