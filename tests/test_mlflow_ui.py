@@ -77,6 +77,8 @@ def test_run_and_model_pages_show_what_a_researcher_needs(local_stack, stack_sha
     assert os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} missing: apt-get install chromium"
     shots = Path(os.environ.get("SAGAN_UI_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()  # what the submission records
     proc = submit_job(local_stack, [
         "pipelines/train.py", "--config", "configs/quickstart.yaml", *JOB_TINY,
         f"data.path={stack_shards}", f"train.steps={STEPS}", "train.log_every=3",
@@ -95,8 +97,6 @@ def test_run_and_model_pages_show_what_a_researcher_needs(local_stack, stack_sha
     (run,) = runs_named(local_stack, "ui")
     run_id, exp_id = run.info.run_id, run.info.experiment_id
     client = MlflowClient(local_stack.mlflow_uri)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
     assert run.data.tags["mlflow.source.git.commit"] == head
     assert run.data.tags["sagan.git.dirty"] in ("true", "false")
     inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
