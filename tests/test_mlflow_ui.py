@@ -37,20 +37,30 @@ def _chart(page, title: str):
 def _image_at_last_step(page, title: str, last: int, shot: Path) -> str:
     """Move the image chart's step slider to its end; returns the shown image's URL once it
     has loaded (the same check a user makes by looking)."""
+    from playwright.sync_api import expect
+
     card = _chart(page, title)
     slider = card.get_by_role("slider")
-    assert slider.get_attribute("aria-valuemax") == str(last)
-    track = card.locator("span.TRACK").bounding_box()
-    page.mouse.click(track["x"] + track["width"] - 1, track["y"] + track["height"] / 2)
-    assert slider.get_attribute("aria-valuenow") == str(last)
+    expect(slider).to_have_attribute("aria-valuemax", str(last))
+    track = card.locator("span.TRACK")
+    box = track.bounding_box()
+    track.click(position={"x": box["width"] - 1, "y": box["height"] / 2})  # its right end
+    expect(slider).to_have_attribute("aria-valuenow", str(last))
     img = card.locator("img")
     img.wait_for(timeout=UI_TIMEOUT_MS)
     page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=img.element_handle(),
                            timeout=UI_TIMEOUT_MS)
     card.locator('button[data-component-id="fullscreen_button_chartcard"]').click()
     dialog = page.get_by_role("dialog")
-    dialog.locator("img").scroll_into_view_if_needed()
-    dialog.screenshot(path=str(shot))
+    big = dialog.locator("img")
+    big.scroll_into_view_if_needed()
+    # the image, its title and the slider at the last step (MLflow prints the run's params
+    # above the image; they are left out of the picture)
+    top, bottom = big.bounding_box(), dialog.get_by_role("slider").bounding_box()
+    frame = dialog.bounding_box()
+    page.screenshot(path=str(shot), clip={
+        "x": frame["x"], "y": max(frame["y"], top["y"] - 24), "width": frame["width"],
+        "height": bottom["y"] + 40 - max(frame["y"], top["y"] - 24)})
     page.keyboard.press("Escape")
     return img.get_attribute("src")
 
@@ -146,8 +156,7 @@ def test_run_and_model_pages_show_what_a_researcher_needs(local_stack, stack_sha
         page.get_by_role("tab", name="System metrics").click()
         cpu = _chart(page, "system/cpu_utilization_percentage")
         cpu.locator("svg").first.wait_for()
-        page.get_by_placeholder("Search metric charts").fill("")
-        page.screenshot(path=str(shots / "run-system-metrics.png"))
+        cpu.screenshot(path=str(shots / "run-system-metrics.png"))
 
         # The model version: alias, description (scores, step, dataset, config), tags
         page.goto(f"{base}/#/models/ui-gen/versions/{version.version}")
