@@ -23,6 +23,9 @@ class Session:
     _report: Callable[..., None]
     _get_checkpoint: Callable[[], Any]
     _checkpoint_cls: Any
+    local_rank: int = 0  # rank on this node
+    node_rank: int = 0
+    local_world_size: int = 1  # < world_size: the workers span several nodes
 
     @classmethod
     def for_ray_train(cls) -> Session:
@@ -32,7 +35,8 @@ class Session:
 
         ctx = ray.train.get_context()
         return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
-                   ray.train.report, ray.train.get_checkpoint, ray.train.Checkpoint)
+                   ray.train.report, ray.train.get_checkpoint, ray.train.Checkpoint,
+                   ctx.get_local_rank(), ctx.get_node_rank(), ctx.get_local_world_size())
 
     @classmethod
     def for_tune_trial(cls) -> Session:

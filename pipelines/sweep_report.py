@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.registry import log_generator
+from pipelines.registry import describe_version, log_generator
 from pipelines.tracking import RUN_NAME_TAG, experiment_id
 from sagan.config import flatten
 
@@ -205,6 +205,8 @@ def finish_sweep(spec: Any, results: Any, uri: str, parent: str) -> dict[str, An
             uri, runs[0].info.run_id, ema, cfg.model, spec.base.tracking.registered_model,
             fid=float(value) if spec.metric == "fid" else None, step=int(state["step"]),
             aliases=("sweep-best",))
+        describe_version(uri, spec.base.tracking.registered_model, summary["version"], cfg,
+                         int(state["step"]), {spec.metric: float(value)})
         summary["best_run_id"] = runs[0].info.run_id
     client.set_tag(parent, "sagan.best_trial", str(row["trial_id"]))
     client.log_metric(parent, f"best_{spec.metric}", float(value))

@@ -74,9 +74,12 @@ def test_job_trains_logs_and_registers(local_stack, stack_shards, inception_weig
     assert [m.step for m in fid] == [12] and fid[0].value > 0
     assert len(client.get_metric_history(run_id, "kid")) == 1
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "samples"} <= artifacts
-    samples = sorted(a.path for a in client.list_artifacts(run_id, "samples"))
-    assert samples == ["samples/step_0000006.png", "samples/step_0000012.png"]
+    assert {"config.yaml", "images"} <= artifacts
+    # MLflow image logging: `images/<key>+step+<step>+...png` (key '/' stored as '~')
+    images = [a.path.split("/", 1)[1] for a in client.list_artifacts(run_id, "images")
+              if a.path.endswith(".png")]
+    assert sorted((i.split("+")[0], int(i.split("+")[2])) for i in images) == [
+        ("attention~16", 6), ("attention~16", 12), ("samples", 6), ("samples", 12)]
 
     version = client.get_model_version_by_alias("e2e-gen", "champion")  # first FID -> champion
     assert version.run_id == run_id and float(version.tags["fid"]) == pytest.approx(fid[0].value,
