@@ -103,10 +103,12 @@ echo "(Ctrl-C stops following the logs, not the job: 'ray job stop <id>' stops i
 # (.gitignore is honoured too; these are listed so a custom .gitignore cannot bloat uploads).
 # Checkpoints go to <repo>/runs (absolute: the job runs in a copy of the working dir), so a
 # re-run with the same cluster.run_name resumes; later arguments override any of this.
+# The upload carries no .git: the commit (and a dirty flag) of this checkout travel in the
+# job's environment, so MLflow records the code version the run was submitted from.
 EXCLUDES='{"excludes": ["/.git/", "/.venv/", "/.state/", "/data/", "/runs/", "/mlruns/", "/bench/results/"]}'
 SUBMISSION_ID="quickstart-$(date +%Y%m%d-%H%M%S)"
 if ! ray job submit --address "$RAY_API_SERVER_ADDRESS" --submission-id "$SUBMISSION_ID" \
-    --working-dir . --runtime-env-json "$EXCLUDES" \
+    --working-dir . --runtime-env-json "$(python -m pipelines.lineage --runtime-env "$EXCLUDES")" \
     -- python pipelines/train.py --config "$CONFIG" "data.path=$DATA" \
        "eval.real_path=$HELDOUT" "cluster.storage_path=$ROOT/runs" "$@"; then
   die "the training job failed; logs: ray job logs --address $RAY_API_SERVER_ADDRESS $SUBMISSION_ID"
