@@ -201,7 +201,7 @@ def test_readme_embedded_default_on_a_fresh_copy(tmp_path: Path, inception_weigh
     (fid,) = client.get_metric_history(run_info.info.run_id, "fid")
     assert fid.step == 4 and fid.value > 0
     champion = client.get_model_version_by_alias("sagan-fashion-quickstart", "champion")
-    assert champion.version == "1" and float(champion.tags["fid"]) == pytest.approx(fid.value)
+    assert str(champion.version) == "1" and float(champion.tags["fid"]) == pytest.approx(fid.value)
 
     evaluated = run(["pipelines/evaluate.py", "--model", "models:/sagan-fashion-quickstart@latest",
                      "--data", "data/fashion-mnist-32-test", "--num-samples", "5000",
