@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from infra.local.config import free_port
 from sagan.config import EvalConfig, load_config
 from sagan.eval import compute_metrics
 from sagan.models import Generator
@@ -62,17 +63,9 @@ def _worker(rank: int, world: int, port: int, state: dict, model_cfg, eval_cfg: 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def timed(world: int, state: dict, model_cfg, eval_cfg: EvalConfig, real: str) -> dict:
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), state, model_cfg, eval_cfg, real, out),
+    mp.spawn(_worker, args=(world, free_port(), state, model_cfg, eval_cfg, real, out),
              nprocs=world, join=True)
     return dict(out)
 
