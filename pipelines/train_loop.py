@@ -122,14 +122,14 @@ def _setup_error(exc: BaseException, cfg: PipelineConfig) -> str | None:
     return f"data.path '{cfg.data.path}': {exc}" if isinstance(exc, DataError) else str(exc)
 
 
-def evaluate(session: Session, cfg: PipelineConfig, trainer: GANTrainer) -> dict[str, float]:
-    """FID/KID/IS of the EMA generator (eval.metrics) against the held-out images at
+def evaluate(session: Session, cfg: PipelineConfig, G: torch.nn.Module) -> dict[str, float]:
+    """FID/KID/IS of the EMA generator `G` (eval.metrics) against the held-out images at
     eval.real_path (data.path when unset). Every rank calls it at every eval step: each
     generates and featurises its share, rank 0 scores and every rank gets the result."""
     from sagan.eval import compute_metrics
 
     t0 = time.perf_counter()
-    scores = compute_metrics(trainer.ema_generator(), cfg.eval,
+    scores = compute_metrics(G, cfg.eval,
                              real=cfg.eval.real_path or cfg.data.path, device=session.device,
                              num_classes=cfg.model.num_classes,
                              endpoint_url=cfg.data.endpoint_url, seed=cfg.train.seed)
@@ -148,14 +148,13 @@ def _progress(step: int, total: int, values: dict[str, float], rate: float) -> s
             f"{values.get('img_per_s', 0.0):.1f} img/s ETA {when} {rest}")
 
 
-def _log_figures(cfg: PipelineConfig, trainer: GANTrainer, logger: Any, device: torch.device,
+def _log_figures(cfg: PipelineConfig, G: torch.nn.Module, logger: Any, device: torch.device,
                  step: int) -> None:
-    """The EMA generator's sample grid (key `samples`) and, per attention layer, where a few
+    """The EMA generator `G`'s sample grid (key `samples`) and, per attention layer, where a few
     fixed query pixels of its first sample attend (key `attention/<layer>`, as in the paper's
     figure 1), from fixed z: the UI's step slider shows the same images evolving."""
     from sagan.visualize import attention_figure, quarter_points, sample_grid
 
-    G = trainer.ema_generator()
     logger.log_image(sample_grid(G, seed=0, device=device), "samples", step)
     queries = quarter_points(cfg.model.image_size)
     for r in sorted(cfg.model.g_attention):
@@ -163,7 +162,7 @@ def _log_figures(cfg: PipelineConfig, trainer: GANTrainer, logger: Any, device: 
                          f"attention/{r}", step)
 
 
-def _publish(cfg: PipelineConfig, trainer: GANTrainer, logger: Any, device: torch.device,
+def _publish(cfg: PipelineConfig, G: torch.nn.Module | None, logger: Any, device: torch.device,
              step: int, values: dict[str, float], rate: float, *, do_log: bool,
              do_sample: bool, do_eval: bool) -> None:
     """Rank 0's outputs at `step`: the progress line, the EMA figures and, at log and eval
@@ -172,8 +171,8 @@ def _publish(cfg: PipelineConfig, trainer: GANTrainer, logger: Any, device: torc
         _say(_progress(step, cfg.train.steps, values, rate))
     if logger is None:
         return
-    if do_sample:
-        _log_figures(cfg, trainer, logger, device, step)
+    if do_sample and G is not None:
+        _log_figures(cfg, G, logger, device, step)
     if do_log or do_eval:
         logger.log_metrics(values, step)
 
@@ -294,11 +293,13 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
                       "skipped_shards": stats.skipped_shards, "data_retries": stats.retries,
                       "skipped_steps": trainer.skipped_steps}
             last_time, last_step = now, step
+            # the EMA generator (a copy with settled SN estimates) is built once per step
+            G = trainer.ema_generator() if do_eval or (do_sample and rank == 0) else None
             if do_eval:
-                values.update(evaluate(session, cfg, trainer))
+                values.update(evaluate(session, cfg, G))
             if rank == 0 and (do_log or do_sample or do_eval):
                 rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
-                _publish(cfg, trainer, logger, device, step, values, rate, do_log=do_log,
+                _publish(cfg, G, logger, device, step, values, rate, do_log=do_log,
                          do_sample=do_sample, do_eval=do_eval)
             if not (do_ckpt or do_eval):
                 continue
