@@ -39,6 +39,10 @@ class ClusterConfig:
     shared_storage: bool = False  # a local storage_path that every node mounts (NFS, ...)
     run_name: str = "sagan"  # same name (and storage) = continue the run
     keep_checkpoints: int = 3
+    # Ray Train's own console log level (RunConfig.logging_config) for its `ray.train` loggers:
+    # ERROR also hides its harmless "Failed to send resource request ... GetTimeoutError"
+    # warnings on busy machines, and its INFO lines (worker-group starts, retry decisions).
+    ray_log_level: str = "INFO"
 
     @property
     def min_workers(self) -> int:
@@ -62,6 +66,8 @@ class TrackingConfig:
     tracking_uri: str | None = None  # None -> $MLFLOW_TRACKING_URI, else ./mlruns
     experiment: str = "sagan"
     registered_model: str = "sagan-generator"
+    # seconds between samples of MLflow's system-metrics monitor (one per node); 0: off
+    system_metrics_every: float = 10.0
 
 
 @dataclass
@@ -96,6 +102,11 @@ class PipelineConfig(Config):
         require(bool(c.run_name) and "/" not in c.run_name, "cluster.run_name",
                 "must be a non-empty name without '/'")
         require(c.keep_checkpoints >= 1, "cluster.keep_checkpoints", "must be >= 1")
+        require(c.ray_log_level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+                "cluster.ray_log_level",
+                f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {c.ray_log_level!r}")
+        require(self.tracking.system_metrics_every >= 0, "tracking.system_metrics_every",
+                "must be >= 0 seconds (0: off)")
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None

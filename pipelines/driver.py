@@ -83,7 +83,7 @@ def fit(cfg: PipelineConfig, tracking_uri: str | None, run_id: str | None,
     """Run the TorchTrainer on the connected cluster to its end and return Ray's Result;
     raises TrainingStopped (one line, marking the MLflow run FAILED) when the workers stopped
     for good. `cfg`'s local paths must already be absolute (`prepare`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.ray_cluster import CapacityWatch, storage_location
@@ -108,7 +108,7 @@ def fit(cfg: PipelineConfig, tracking_uri: str | None, run_id: str | None,
             failure_config=FailureConfig(max_failures=c.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=c.keep_checkpoints),
             worker_runtime_env={"env_vars": env} if env else None,
-            callbacks=callbacks),
+            callbacks=callbacks, logging_config=LoggingConfig(log_level=c.ray_log_level)),
     )
     with CapacityWatch(c):
         result = trainer.fit()
@@ -126,11 +126,11 @@ def fit(cfg: PipelineConfig, tracking_uri: str | None, run_id: str | None,
     return result
 
 
-def register(cfg: PipelineConfig, result: Any, tracking_uri: str, run_id: str
-             ) -> tuple[int, str]:
-    """Log the final checkpoint's EMA generator as an MLflow model and register it
+def register(cfg: PipelineConfig, result: Any, tracking_uri: str, run_id: str,
+             datasets: dict[str, Any] | None = None) -> tuple[int, str]:
+    """Log the final checkpoint's EMA generator as an MLflow model, register and describe it
     (pipelines/registry.py); returns (its step, the model version)."""
-    from pipelines.registry import log_generator
+    from pipelines.registry import describe_version, log_generator
     from pipelines.train_loop import CHECKPOINT_FILE
     from sagan.checkpoint import CheckpointError, ema_weights, load_checkpoint
 
@@ -145,6 +145,7 @@ def register(cfg: PipelineConfig, result: Any, tracking_uri: str, run_id: str
     name = cfg.tracking.registered_model
     version = log_generator(tracking_uri, run_id, ema_weights(state), cfg.model, name,
                             fid=float(fid) if fid is not None else None, step=step)
+    describe_version(tracking_uri, name, version, cfg, step, result.metrics or {}, datasets)
     print(f"registered models:/{name}/{version} (now models:/{name}@latest) from step {step}",
           flush=True)
     return step, version
@@ -156,20 +157,22 @@ def run_training(cfg: PipelineConfig, tracking_uri: str | None, register_model: 
                  ) -> TrainOutcome:
     """All the steps: prepare, join the cluster, find or start the MLflow run, fit, register
     the final EMA generator, mark the run finished."""
+    from pipelines.lineage import record_lineage
     from pipelines.tracking import find_or_create_run, mark_finished
 
     cfg, tracking_uri, relative = prepare(cfg, tracking_uri)
     join_cluster(cfg, relative, allow_autoscale)
-    run_id = None
+    run_id, datasets = None, None
     if tracking_uri:
         run_id, resumed = find_or_create_run(cfg, tracking_uri, parent_run_id, extra_tags)
+        datasets = record_lineage(cfg, tracking_uri, run_id)
         print(f"MLflow run {run_id} ({'continuing' if resumed else 'new'}) at {tracking_uri}",
               flush=True)
     result = fit(cfg, tracking_uri, run_id, callbacks)
     metrics = dict(result.metrics or {})
     step, version = int(metrics.get("step", 0)), None
     if register_model and tracking_uri and run_id and result.checkpoint is not None:
-        step, version = register(cfg, result, tracking_uri, run_id)
+        step, version = register(cfg, result, tracking_uri, run_id, datasets)
     if tracking_uri and run_id and step >= cfg.train.steps:
         mark_finished(tracking_uri, run_id)
     return TrainOutcome(run_id or "", step, metrics,

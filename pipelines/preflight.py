@@ -23,7 +23,7 @@ class PreflightError(RuntimeError):
 # run's own directory, not where the command was run, so a relative path there names another
 # place (issue 17); the driver makes them absolute before the config reaches any worker.
 LOCAL_PATH_FIELDS = ("data.path", "data.prepare_source", "cluster.storage_path",
-                     "eval.cache_dir", "eval.inception_weights")
+                     "eval.real_path", "eval.cache_dir", "eval.inception_weights")
 
 
 def _is_local(value: str) -> bool:
@@ -113,28 +113,37 @@ def refuse_local_storage_on_many_nodes(cfg: PipelineConfig, nodes: int) -> None:
 
 
 def ensure_data(cfg: PipelineConfig) -> Any:
-    """The manifest of cfg.data.path; prepares a missing local dataset from
-    `data.prepare_source` on first use (the embedded default)."""
+    """The manifest of cfg.data.path, after checking it (and eval.real_path, the held-out set
+    FID is measured against, when evaluation is on) fits the model. A missing local dataset is
+    prepared from `data.prepare_source` on first use (the embedded default): the train split
+    at data.path, the test split at eval.real_path."""
+    manifest = _ensure_one(cfg, "data.path", cfg.data.path, "train")
+    if cfg.eval.real_path and cfg.eval.eval_every > 0:
+        _ensure_one(cfg, "eval.real_path", cfg.eval.real_path, "test")
+    return manifest
+
+
+def _ensure_one(cfg: PipelineConfig, field: str, path: str, split: str) -> Any:
     from sagan.data import DataError, ensure_dataset
 
-    path = cfg.data.path
-    is_local = "://" not in path
-    if is_local and not (Path(path) / "manifest.json").is_file() and cfg.data.prepare_source:
-        print(f"preparing {cfg.data.prepare_source} shards in {path} (first use) ...", flush=True)
+    source = cfg.data.prepare_source
+    if "://" not in path and not (Path(path) / "manifest.json").is_file() and source:
+        print(f"preparing {source} ({split} split) shards in {path} (first use) ...", flush=True)
     try:
-        manifest = ensure_dataset(cfg.data, cfg.model.image_size, cfg.model.channels)
+        manifest = ensure_dataset(cfg.data, cfg.model.image_size, cfg.model.channels,
+                                  path=path, split=split)
     except DataError as exc:  # SourceError included
-        raise PreflightError(f"data.path '{path}': {exc}") from None
+        raise PreflightError(f"{field} '{path}': {exc}") from None
     if manifest.total == 0 or not manifest.shards:
-        raise PreflightError(f"data.path '{path}': the manifest lists no samples")
+        raise PreflightError(f"{field} '{path}': the manifest lists no samples")
     m = cfg.model
     if manifest.image_size != m.image_size or manifest.channels != m.channels:
         raise PreflightError(
-            f"data.path '{path}': shards are {manifest.image_size}px x {manifest.channels}ch but "
+            f"{field} '{path}': shards are {manifest.image_size}px x {manifest.channels}ch but "
             f"model.image_size={m.image_size}, model.channels={m.channels}")
     if manifest.num_classes != m.num_classes:
         raise PreflightError(
-            f"data.path '{path}': shards have {manifest.num_classes} classes but "
+            f"{field} '{path}': shards have {manifest.num_classes} classes but "
             f"model.num_classes={m.num_classes} (set model.num_classes={manifest.num_classes})")
     return manifest
 

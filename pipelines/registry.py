@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import torch
 import yaml
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from pipelines.tracking import TrackingError
-from sagan.config import ModelConfig, config_from_dict
+from sagan.config import Config, ModelConfig, config_from_dict
 from sagan.layers import refresh_spectral_norm
 from sagan.models import Generator
 
@@ -101,6 +104,55 @@ def log_generator(uri: str, run_id: str, G_state: dict[str, torch.Tensor], model
     if fid is not None and _beats_champion(client, registered_name, fid):
         client.set_registered_model_alias(registered_name, "champion", version)
     return version
+
+
+def describe_version(uri: str, name: str, version: str, cfg: Config, step: int,
+                     metrics: dict[str, float], datasets: dict[str, Any] | None = None) -> None:
+    """What a reader of the registry needs without opening the run: a description (FID, KID,
+    step, dataset, key config) and tags on the version, and its FID/KID logged against the
+    MLflow 3 LoggedModel behind it, so the experiment's Models tab compares versions.
+
+    The metrics are the run's own points (same step and timestamp) with the model's id added:
+    MLflow links them to the model and does not duplicate them in the run's history."""
+    client = MlflowClient(uri)
+    mv = client.get_model_version(name, version)
+    scores = {k: float(metrics[k]) for k in ("fid", "kid", "is") if metrics.get(k) is not None}
+    train = (datasets or {}).get("training")
+    evaluation = (datasets or {}).get("evaluation")
+    m, t = cfg.model, cfg.train
+    lines = [f"SAGAN generator (EMA weights) at step {step} of {t.steps}, run {mv.run_id}.",
+             ("Scores: " + ", ".join(f"{k.upper()} {v:.4g}" for k, v in scores.items())
+              + f" ({cfg.eval.num_samples} generated images"
+              + (f" vs {evaluation.name} [{evaluation.digest}]" if evaluation else "") + ")")
+             if scores else "Scores: not evaluated (eval.eval_every=0).",
+             f"Dataset: {train.name} [{train.digest}] at {cfg.data.path}" if train
+             else f"Dataset: {cfg.data.path}",
+             f"Model: {m.image_size} px, {m.channels} ch, {m.num_classes} classes, g_ch "
+             f"{m.g_ch}, d_ch {m.d_ch}, z {m.z_dim}, attention G {list(m.g_attention)} "
+             f"D {list(m.d_attention)}.",
+             f"Training: batch {t.batch_size}, lr_g {t.lr_g:g}, lr_d {t.lr_d:g}, beta2 "
+             f"{t.beta2:g}, ndis {t.ndis}, {t.loss} loss, EMA {t.ema_decay:g}."]
+    client.update_model_version(name, version, description="\n\n".join(lines))
+    # (`fid` is already a tag, at the precision `champion` is decided by)
+    tags = {**{k: f"{v:.6g}" for k, v in scores.items() if k != "fid"}, "step": str(step),
+            "image_size": str(m.image_size), "g_attention": str(list(m.g_attention)),
+            "d_attention": str(list(m.d_attention)), "data.path": cfg.data.path}
+    if train:
+        tags.update({"dataset": train.name, "dataset_digest": train.digest})
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    # the LoggedModel behind the version: its id, or the `models:/m-...` URI it was made from
+    model_id = mv.model_id or (mv.source[len("models:/"):]
+                               if (mv.source or "").startswith("models:/m-") else None)
+    if model_id and scores:
+        logged = {k: [p for p in client.get_metric_history(mv.run_id, k) if p.step == step]
+                  for k in scores}
+        points = [Metric(k, v, logged[k][-1].timestamp if logged[k] else
+                         int(time.time() * 1000), step, model_id=model_id,
+                         dataset_name=evaluation.name if evaluation else None,
+                         dataset_digest=evaluation.digest if evaluation else None)
+                  for k, v in scores.items()]
+        client.log_batch(mv.run_id, metrics=points)
 
 
 def _beats_champion(client: MlflowClient, name: str, fid: float) -> bool:

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         GRID_META_KEY,
         VisualizationError,
         attention_figure,
+        quarter_points,
         sample_grid,
         save_png,
     )
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.attention_out:
             steps.set_postfix_str("attention maps")
             size = int(json.loads(grid.info[GRID_META_KEY])["image_size"])
-            q1, q3 = size // 4, 3 * size // 4
-            queries = args.query or [(q1, q1), (q1, q3), (q3, q1), (q3, q3)]
+            queries = args.query or quarter_points(size)
             fig = attention_figure(G, queries, seed=args.seed, sample_index=args.sample_index,
                                    device=device, class_id=args.class_id)
             save_png(fig, args.attention_out)

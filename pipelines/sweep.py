@@ -29,12 +29,14 @@ PARAMS = {
     "gamma_init": "model.gamma_init", "gamma_learnable": "model.gamma_learnable",
     "g_attention": "model.g_attention", "d_attention": "model.d_attention",
     "attention": "model.attention",  # both nets at once: the paper's placement ablation
+    "seed": "train.seed",  # repeats of one setting: seed-to-seed spread next to the effect
+    "diffaugment": "train.diffaugment",
 }
 JOINT = {"model.attention": ("model.g_attention", "model.d_attention")}
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 SWEEP_KEYS = {"base", "overrides", "search_space", "tune"}
 TUNE_KEYS = {"name", "num_samples", "max_concurrent_trials", "metric", "mode", "grace_period",
-             "reduction_factor", "storage_path", "seed"}
+             "reduction_factor", "storage_path", "seed", "scheduler", "report_dir"}
 
 
 class SweepError(ValueError):
@@ -64,6 +66,10 @@ class SweepSpec:
     reduction_factor: int = 2
     storage_path: str = "~/sagan-runs/tune"
     seed: int = 0
+    # asha: stop bad trials early on the metric; none: every trial runs all train.steps (a
+    # comparison whose curves must all reach the end, e.g. configs/results_attention.yaml)
+    scheduler: str = "asha"
+    report_dir: str | None = None  # also write the summary, plot and final grids here
 
 
 def parse_sweep(data: dict, where: str = "sweep", cli_overrides: list[str] | None = None
@@ -123,13 +129,17 @@ def parse_sweep(data: dict, where: str = "sweep", cli_overrides: list[str] | Non
         raise SweepError(f"{where}: tune.metric must be fid, kid, is, loss_g or loss_d")
     if spec.mode not in ("min", "max"):
         raise SweepError(f"{where}: tune.mode must be 'min' or 'max'")
+    if spec.scheduler not in ("asha", "none"):
+        raise SweepError(f"{where}: tune.scheduler must be 'asha' or 'none', got "
+                         f"{spec.scheduler!r}")
     if spec.metric in ("fid", "kid", "is") and base.eval.eval_every <= 0:
         raise SweepError(f"{where}: tune.metric={spec.metric} needs eval.eval_every > 0 in the "
                          "base config or overrides")
     for k in ("num_samples", "max_concurrent_trials", "grace_period", "reduction_factor"):
         if not isinstance(getattr(spec, k), int) or getattr(spec, k) < 1:
             raise SweepError(f"{where}: tune.{k} must be a positive integer")
-    if spec.grace_period * max(base.eval.eval_every, 1) > base.train.steps:
+    if spec.scheduler == "asha" and \
+            spec.grace_period * max(base.eval.eval_every, 1) > base.train.steps:
         raise SweepError(f"{where}: tune.grace_period={spec.grace_period} evaluations x "
                          f"eval.eval_every={base.eval.eval_every} is more than "
                          f"train.steps={base.train.steps}")
@@ -222,9 +232,10 @@ def run_sweep(spec: SweepSpec, tracking_uri: str) -> dict[str, Any]:
     trial = tune.with_resources(tune.with_parameters(
         trainable, spec=spec, tracking_uri=tracking_uri, parent=parent), resources)
     path = f"{storage}/{spec.name}"
-    scheduler = ASHAScheduler(time_attr="step", max_t=spec.base.train.steps,
-                              grace_period=spec.grace_period * spec.base.eval.eval_every,
-                              reduction_factor=spec.reduction_factor)
+    scheduler = None if spec.scheduler == "none" else ASHAScheduler(
+        time_attr="step", max_t=spec.base.train.steps,
+        grace_period=spec.grace_period * spec.base.eval.eval_every,
+        reduction_factor=spec.reduction_factor)
     if tune.Tuner.can_restore(path):
         print(f"resuming sweep from {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trial, resume_errored=True,

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.registry import log_generator
+from pipelines.registry import describe_version, log_generator
 from pipelines.tracking import RUN_NAME_TAG, experiment_id
 from sagan.config import flatten
 
@@ -70,28 +70,87 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _variant(spec: Any, config: dict[str, Any]) -> str:
+    """A trial's searched values except its seed: the trials of one variant share it."""
+    parts = [f"{k.split('.')[-1]}={yaml.safe_dump(config.get(k), default_flow_style=True)}"
+             .replace("\n...", "").strip() for k in spec.space if k != "train.seed"]
+    return " ".join(parts) or "base"
+
+
 def _plot(spec: Any, results: Any, path: Path) -> None:
+    """Metric vs step, one line per trial, one colour per variant (seeds share it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours: dict[str, str] = {}
     for result in results:
         df = result.metrics_dataframe
         if df is None or spec.metric not in df or "step" not in df:
             continue
         df = df.dropna(subset=[spec.metric])
-        label = (result.metrics or {}).get("trial_id") or Path(result.path).name
-        ax.plot(df["step"], df[spec.metric], marker="o", label=label)
+        variant = _variant(spec, result.config)
+        seed = result.config.get("train.seed")
+        colour = colours.setdefault(variant, f"C{len(colours)}")
+        label = variant if seed is None else f"{variant} seed={seed}"
+        ax.plot(df["step"], df[spec.metric], marker="o", color=colour, label=label,
+                linestyle=("-", "--", ":", "-.")[int(seed or 0) % 4])
     ax.set_xlabel("step")
     ax.set_ylabel(spec.metric.upper())
     ax.set_title(f"sweep {spec.name}: {spec.metric} vs step per trial")
     if ax.lines:
         ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _variants_table(spec: Any, rows: list[dict[str, Any]]) -> str:
+    """Markdown: per variant, the last metric of each seed and their mean."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(_variant(spec, {k: r.get(k) for k in spec.space}), []).append(r)
+    m = spec.metric.upper()
+    lines = [f"| variant | {m} per seed (last evaluation) | mean {m} | steps |",
+             "| --- | --- | --- | --- |"]
+    for variant, rs in groups.items():
+        values = [r[spec.metric] for r in rs if r[spec.metric] is not None]
+        mean = f"{sum(values) / len(values):.1f}" if values else "-"
+        per_seed = ", ".join(f"{v:.1f}" for v in values) or "-"
+        steps = ", ".join(str(r["steps_reached"]) for r in rs)
+        lines.append(f"| {variant} | {per_seed} | {mean} | {steps} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_report(spec: Any, results: Any, rows: list[dict[str, Any]], plot: Path) -> None:
+    """tune.report_dir: the summary, the plot, a markdown table and each trial's final EMA
+    sample grid, for a results page (docs/RESULTS.md is written from one)."""
+    import shutil
+
+    from sagan.checkpoint import checkpoint_config, ema_weights
+    from sagan.models import Generator
+    from sagan.visualize import sample_grid, save_png
+
+    out = Path(spec.report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.csv").write_text(_table(rows))
+    (out / "variants.md").write_text(_variants_table(spec, rows))
+    shutil.copy(plot, out / plot.name)
+    for result in results:
+        state = _checkpoint_state(result)
+        if state is None:
+            continue
+        G = Generator(checkpoint_config(state).model)
+        G.load_state_dict(ema_weights(state))
+        seed = result.config.get("train.seed")
+        name = _variant(spec, result.config) + ("" if seed is None else f" seed={seed}")
+        name = name.replace("[]", "none").replace(", ", "-").replace(" ", "_")
+        safe = "".join(c if c.isalnum() or c in "=-_" else "" for c in name)
+        save_png(sample_grid(G.eval(), seed=0), out / f"grid_{safe}_step{state['step']}.png")
+    print(f"sweep report written to {out}", flush=True)
 
 
 def _checkpoint_state(result: Any) -> dict | None:
@@ -119,6 +178,9 @@ def finish_sweep(spec: Any, results: Any, uri: str, parent: str) -> dict[str, An
         plot = Path(tmp) / f"{spec.metric}_vs_step.png"
         _plot(spec, results, plot)
         client.log_artifact(parent, str(plot))
+        client.log_text(parent, _variants_table(spec, rows), "variants.md")
+        if spec.report_dir:
+            _write_report(spec, results, rows, plot)
     scored = [(r[spec.metric], r, res) for r, res in zip(rows, results, strict=True)
               if r[spec.metric] is not None and r[spec.metric] == r[spec.metric]]
     summary: dict[str, Any] = {"trials": rows, "best_trial": None, "best_value": None,
@@ -143,6 +205,8 @@ def finish_sweep(spec: Any, results: Any, uri: str, parent: str) -> dict[str, An
             uri, runs[0].info.run_id, ema, cfg.model, spec.base.tracking.registered_model,
             fid=float(value) if spec.metric == "fid" else None, step=int(state["step"]),
             aliases=("sweep-best",))
+        describe_version(uri, spec.base.tracking.registered_model, summary["version"], cfg,
+                         int(state["step"]), {spec.metric: float(value)})
         summary["best_run_id"] = runs[0].info.run_id
     client.set_tag(parent, "sagan.best_trial", str(row["trial_id"]))
     client.log_metric(parent, f"best_{spec.metric}", float(value))

@@ -7,6 +7,7 @@ took). Models and the registry: pipelines/registry.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import urllib.error
@@ -26,6 +27,8 @@ from sagan.config import flatten, to_yaml
 # every access log on the way (tests/test_reliability_secrets.py). An explicit setting wins.
 for _var in ("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD"):
     os.environ.setdefault(_var, "false")
+# Registering a model downloads its files once; no progress bars for that in a job's log.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 RUN_NAME_TAG = "sagan.run_name"
 STOPPED_TAG = "sagan.stopped"
@@ -123,8 +126,26 @@ class RunLogger:
                  for k, v in metrics.items() if v == v and abs(v) != float("inf")]
         self.client.log_batch(self.run_id, metrics=batch)
 
-    def log_image(self, image: Any, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """An image under `key` at `step`: the run page shows each key as an image chart with
+        a step slider (MLflow's image logging, not a loose artifact file)."""
+        if step > self.last_logged:
+            self.client.log_image(self.run_id, image, key=key, step=step)
+
+
+def system_metrics(uri: str, run_id: str, interval_s: float, node_id: str | None = None) -> Any:
+    """MLflow's own system-metrics monitor (CPU, memory, disk, network; GPU through
+    nvidia-ml-py when one is present) for this process's node, started; `finish()` stops it.
+    Metrics are `system/<name>`, or `system/<node_id>/<name>` when several nodes log to one
+    run. Its steps continue after the ones already logged, so a resumed run's charts go on."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # its start/stop/"no GPU" INFO lines would land in every job log; warnings still show
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                   node_id=node_id, tracking_uri=uri)
+    monitor.start()
+    return monitor
 
 
 def mark_stopped(uri: str, run_id: str, reason: str) -> None:

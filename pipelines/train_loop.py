@@ -9,6 +9,7 @@ evaluation (`evaluate`); rank 0 attaches the checkpoint, logs to MLflow and draw
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import tempfile
 import time
@@ -121,39 +122,97 @@ def _setup_error(exc: BaseException, cfg: PipelineConfig) -> str | None:
     return f"data.path '{cfg.data.path}': {exc}" if isinstance(exc, DataError) else str(exc)
 
 
-def evaluate(session: Session, cfg: PipelineConfig, trainer: GANTrainer) -> dict[str, float]:
-    """FID/KID/IS of the EMA generator (eval.metrics) against the held-out images at
+def evaluate(session: Session, cfg: PipelineConfig, G: torch.nn.Module) -> dict[str, float]:
+    """FID/KID/IS of the EMA generator `G` (eval.metrics) against the held-out images at
     eval.real_path (data.path when unset). Every rank calls it at every eval step: each
     generates and featurises its share, rank 0 scores and every rank gets the result."""
     from sagan.eval import compute_metrics
 
-    return compute_metrics(trainer.ema_generator(), cfg.eval,
-                           real=cfg.eval.real_path or cfg.data.path, device=session.device,
-                           num_classes=cfg.model.num_classes,
-                           endpoint_url=cfg.data.endpoint_url, seed=cfg.train.seed)
+    t0 = time.perf_counter()
+    scores = compute_metrics(G, cfg.eval,
+                             real=cfg.eval.real_path or cfg.data.path, device=session.device,
+                             num_classes=cfg.model.num_classes,
+                             endpoint_url=cfg.data.endpoint_url, seed=cfg.train.seed)
+    return {**scores, "eval_seconds": time.perf_counter() - t0}  # training stops this long
 
 
-def _publish(cfg: PipelineConfig, trainer: GANTrainer, logger: Any, device: torch.device,
-             step: int, values: dict[str, float], *, do_log: bool, do_sample: bool,
-             do_eval: bool) -> None:
-    """Rank 0's outputs at `step`: the progress line, the EMA sample grid and, at log and eval
+def _progress(step: int, total: int, values: dict[str, float], rate: float) -> str:
+    """`step 120/1000 (12%) 35.1 img/s ETA 4m10s loss_d=... ...`: `rate` is steps per second
+    since this session started (evaluations included), so the ETA is wall-clock time."""
+    eta = (total - step) / rate if rate > 0 else float("inf")
+    when = ("?" if eta == float("inf") else
+            f"{int(eta // 3600)}h{int(eta % 3600 // 60):02d}m" if eta >= 3600 else
+            f"{int(eta // 60)}m{int(eta % 60):02d}s")
+    rest = " ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "img_per_s")
+    return (f"step {step}/{total} ({100 * step // max(total, 1)}%) "
+            f"{values.get('img_per_s', 0.0):.1f} img/s ETA {when} {rest}")
+
+
+def _log_figures(cfg: PipelineConfig, G: torch.nn.Module, logger: Any, device: torch.device,
+                 step: int) -> None:
+    """The EMA generator `G`'s sample grid (key `samples`) and, per attention layer, where a few
+    fixed query pixels of its first sample attend (key `attention/<layer>`, as in the paper's
+    figure 1), from fixed z: the UI's step slider shows the same images evolving."""
+    from sagan.visualize import attention_figure, quarter_points, sample_grid
+
+    logger.log_image(sample_grid(G, seed=0, device=device), "samples", step)
+    queries = quarter_points(cfg.model.image_size)
+    for r in sorted(cfg.model.g_attention):
+        logger.log_image(attention_figure(G, queries, seed=0, device=device, layers=[r]),
+                         f"attention/{r}", step)
+
+
+def _publish(cfg: PipelineConfig, G: torch.nn.Module | None, logger: Any, device: torch.device,
+             step: int, values: dict[str, float], rate: float, *, do_log: bool,
+             do_sample: bool, do_eval: bool) -> None:
+    """Rank 0's outputs at `step`: the progress line, the EMA figures and, at log and eval
     steps, the MLflow metrics (`values`, evaluation results included)."""
     if do_log:
-        _say(f"step {step}/{cfg.train.steps} "
-             + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        _say(_progress(step, cfg.train.steps, values, rate))
     if logger is None:
         return
-    if do_sample:
-        from sagan.visualize import sample_grid
-
-        logger.log_image(sample_grid(trainer.ema_generator(), seed=0, device=device),
-                         f"samples/step_{step:07d}.png")
+    if do_sample and G is not None:
+        _log_figures(cfg, G, logger, device, step)
     if do_log or do_eval:
         logger.log_metrics(values, step)
 
 
+@contextlib.contextmanager
+def _system_metrics(session: Session, cfg: PipelineConfig, tracking_uri: str | None,
+                    run_id: str | None) -> Iterator[None]:
+    """MLflow's system-metrics monitor in the first worker of each node, while training runs;
+    a node id per node when the workers span several."""
+    every = cfg.tracking.system_metrics_every
+    if not (tracking_uri and run_id and every > 0 and session.local_rank == 0):
+        yield
+        return
+    from pipelines.tracking import system_metrics
+
+    several = session.world_size > session.local_world_size
+    monitor = system_metrics(tracking_uri, run_id, every,
+                             node_id=f"node{session.node_rank}" if several else None)
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def _quiet_report_dumps() -> None:
+    """Drop Ray Train's `Reporting training result N: TrainingReport(...)` INFO line, which
+    prints every metric dict from every rank at every report. Ray has no setting for it:
+    `RunConfig(logging_config=LoggingConfig(log_level=...))` governs the `ray.train` loggers
+    only, and this one is named after its file (ray/train/v2/_internal/execution/context.py).
+    Its warnings and errors still show."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train's entry point on every worker: `run_loop` under a Ray Train session."""
+    _quiet_report_dumps()
     return run_loop(Session.for_ray_train(), run_config_from_dict(loop_config["config"]),
                     loop_config.get("tracking_uri"), loop_config.get("run_id"))
 
@@ -205,8 +264,9 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
 
         logger = RunLogger(tracking_uri, run_id)
 
-    with staged as batches:
+    with staged as batches, _system_metrics(session, cfg, tracking_uri, run_id):
         last_time, last_step = time.perf_counter(), trainer.step
+        start_time, start_step = last_time, last_step
         while trainer.step < t.steps:
             try:
                 metrics = trainer.train_step(batches)
@@ -234,10 +294,13 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
                       "skipped_shards": stats.skipped_shards, "data_retries": stats.retries,
                       "skipped_steps": trainer.skipped_steps}
             last_time, last_step = now, step
+            # the EMA generator (a copy with settled SN estimates) is built once per step
+            G = trainer.ema_generator() if do_eval or (do_sample and rank == 0) else None
             if do_eval:
-                values.update(evaluate(session, cfg, trainer))
+                values.update(evaluate(session, cfg, G))
             if rank == 0 and (do_log or do_sample or do_eval):
-                _publish(cfg, trainer, logger, device, step, values, do_log=do_log,
+                rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
+                _publish(cfg, G, logger, device, step, values, rate, do_log=do_log,
                          do_sample=do_sample, do_eval=do_eval)
             if not (do_ckpt or do_eval):
                 continue

@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "else ./mlruns sqlite store)")
     p.add_argument("--storage-path", help="where Tune keeps the sweep's state and checkpoints "
                    "(tune.storage_path; a sweep found there is resumed)")
+    p.add_argument("--report-dir", help="also write the summary CSV, the metric-vs-step plot "
+                   "and each trial's final sample grid here (tune.report_dir)")
     return p.parse_intermixed_args(argv)
 
 
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_sweep(args.config, overrides)
         if args.storage_path:
             spec.storage_path = args.storage_path
+        if args.report_dir:
+            spec.report_dir = args.report_dir
         uri = resolve_tracking_uri(spec.base, project_dir=Path.cwd())
         summary = run_sweep(spec, uri)
     except (SweepError, ConfigError, TrackingError, PreflightError) as exc:

@@ -63,8 +63,7 @@ def cutout(x: torch.Tensor, ratio: float = 0.5,
 
 
 _OPS = {"color": color, "translation": translation, "cutout": cutout}
-POLICIES = DIFFAUGMENT_POLICIES  # the names train.diffaugment takes (validated in sagan.config)
-assert set(_OPS) == set(POLICIES)
+assert set(_OPS) == set(DIFFAUGMENT_POLICIES)  # the names train.diffaugment takes (sagan.config)
 
 
 def diff_augment(x: torch.Tensor, policy: Sequence[str],

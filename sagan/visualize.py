@@ -135,6 +135,13 @@ def sample_grid(G: nn.Module, n_per_class: int | None = None, n: int = 64, seed:
 # --------------------------------------------------------------------------- attention maps
 
 
+def quarter_points(size: int) -> list[tuple[int, int]]:
+    """The default query pixels (y, x): the four quarter points of a size x size image, one in
+    each quadrant, so a figure shows both local and long-range attention."""
+    q1, q3 = size // 4, 3 * size // 4
+    return [(q1, q1), (q1, q3), (q3, q1), (q3, q3)]
+
+
 @dataclass
 class AttentionPanel:
     """The attention of one query pixel in one attention layer."""

@@ -30,7 +30,8 @@ from tests.fixtures.stack import ROOT
 
 # Small enough for 2 cores: the quickstart config (2 workers) at width 8.
 SMALL = ["model.g_ch=8", "model.d_ch=8", "train.batch_size=8", "train.log_every=2",
-         "train.ckpt_every=2", "train.sample_every=4", "data.shuffle_buffer=50"]
+         "train.ckpt_every=2", "train.sample_every=4", "data.shuffle_buffer=50",
+         "eval.eval_every=0"]
 # Variables that would point the embedded default at another cluster or MLflow server.
 FOREIGN = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")
 
@@ -96,7 +97,8 @@ def test_local_paths_become_absolute_and_relative_ones_are_named(tmp_path: Path)
     assert out.eval.cache_dir == str(Path("~/.cache/sagan/fidelity").expanduser())
     assert out.cluster.storage_path == "s3://bucket/runs"  # URLs pass unchanged
     assert cfg.data.path == "data/fashion-mnist-32"  # the input is not modified
-    assert [f for f, _ in relative] == ["data.path", "data.prepare_source",
+    assert out.eval.real_path == str(tmp_path / "data" / "fashion-mnist-32-test")
+    assert [f for f, _ in relative] == ["data.path", "data.prepare_source", "eval.real_path",
                                         "eval.inception_weights"]
     assert absolute_tracking_uri("sqlite:///mlruns/m.db", tmp_path) == \
         f"sqlite:///{tmp_path}/mlruns/m.db"
@@ -166,7 +168,7 @@ def test_readme_embedded_default_on_a_fresh_copy(tmp_path: Path, inception_weigh
     """README commands run here, in a fresh copy of the repo with no stack:
     `python pipelines/train.py` (small overrides), then
     `python pipelines/evaluate.py --model models:/sagan-fashion-quickstart@latest --data
-    data/fashion-mnist-32 --num-samples 5000 --out metrics.json` (fewer samples, offline
+    data/fashion-mnist-32-test --num-samples 5000 --out metrics.json` (fewer samples, offline
     weights) and `python pipelines/sample.py --model runs/quickstart/checkpoint_XXX/checkpoint.pt
     --out grid.png --attention-out attention.png --query 8,8 --query 20,12`; then the first
     command once more while another (two-node) Ray cluster is up, which it must not join; and a
@@ -175,11 +177,18 @@ def test_readme_embedded_default_on_a_fresh_copy(tmp_path: Path, inception_weigh
 
     repo = fresh_copy(tmp_path / "repo")
     env = clean_env(PYTHONPATH=str(repo))
-    first = run(["pipelines/train.py", "train.steps=4", *SMALL], repo, env)
+    # FID on (random-init Inception: this test checks the wiring, not the value)
+    evals = ["eval.eval_every=4", "eval.num_samples=20", "eval.real_samples=20",
+             "eval.batch_size=10", "eval.metrics=[fid]",
+             f"eval.inception_weights={inception_weights}", f"eval.cache_dir={tmp_path / 'fid'}"]
+    first = run(["pipelines/train.py", "train.steps=4", *SMALL, *evals], repo, env)
     out = first.stdout + first.stderr
     assert first.returncode == 0, out[-5000:]
     assert "training on an embedded local Ray" in out and "done: step 4/4" in out
     assert (repo / "data" / "fashion-mnist-32" / "manifest.json").is_file()  # first use
+    # and the held-out set FID is measured against: the test split, prepared on first use
+    heldout = json.loads((repo / "data" / "fashion-mnist-32-test" / "manifest.json").read_text())
+    assert heldout["total"] == 10000
     uri = f"sqlite:///{repo}/mlruns/mlflow.db"
     client = MlflowClient(uri)
     latest = lambda: str(client.get_model_version_by_alias(  # noqa: E731
@@ -189,9 +198,13 @@ def test_readme_embedded_default_on_a_fresh_copy(tmp_path: Path, inception_weigh
         [client.get_experiment_by_name("sagan-quickstart").experiment_id])
     assert run_info.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_info.info.run_id, "loss_d")] == [2, 4]
+    (fid,) = client.get_metric_history(run_info.info.run_id, "fid")
+    assert fid.step == 4 and fid.value > 0
+    champion = client.get_model_version_by_alias("sagan-fashion-quickstart", "champion")
+    assert str(champion.version) == "1" and float(champion.tags["fid"]) == pytest.approx(fid.value)
 
     evaluated = run(["pipelines/evaluate.py", "--model", "models:/sagan-fashion-quickstart@latest",
-                     "--data", "data/fashion-mnist-32", "--num-samples", "5000",
+                     "--data", "data/fashion-mnist-32-test", "--num-samples", "5000",
                      "--out", "metrics.json", "--num-samples", "20", "--real-samples", "20",
                      "--batch-size", "10", "--inception-weights", str(inception_weights),
                      "--cache-dir", str(tmp_path / "fid"), "--no-progress"], repo, env)

@@ -21,7 +21,7 @@ SET = 200
 
 def _fashion(split: str, n: int, seed: int) -> torch.Tensor:
     """n random 32 px Fashion-MNIST images of `split` as uint8 (n, 3, 32, 32)."""
-    from sagan.datasets import open_source, transform_image
+    from sagan.data import open_source, transform_image
 
     src = open_source("fashion-mnist", split=split)
     idx = np.random.default_rng(seed).permutation(len(src))[:n]

@@ -252,10 +252,12 @@ def test_job_on_local_stack_uses_project_python_and_logs_artifacts_to_s3(
                     reason="needs pipelines/prepare_data.py and pipelines/train.py")
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
                     reason="needs the dataset-fashion-mnist package")
-def test_quickstart_trains_and_registers_a_model(local_stack, tmp_path: Path) -> None:
+def test_quickstart_trains_and_registers_a_model(local_stack, standard_inception_weights,
+                                                tmp_path: Path) -> None:
     """The README's first command, `make quickstart` (its script, after setup), shortened by
-    overrides, against the session's stack: the job completes and the model is registered under
-    the quickstart config's name."""
+    overrides, against the session's stack: the job completes, the model is registered under
+    the quickstart config's name, FID is measured with the standard Inception features against
+    the held-out test split the script wrote, and the last lines print it and the champion."""
     env = local_stack.environ(_clean_env()) | {
         "SAGAN_STATE_DIR": str(local_stack.state_dir),  # `up` finds the running stack: no-op
         "SAGAN_QUICKSTART_LIMIT": "2000",
@@ -266,7 +268,9 @@ def test_quickstart_trains_and_registers_a_model(local_stack, tmp_path: Path) ->
                           "train.sample_every=10", "train.ema_start=0", "train.run_name=qs-test",
                           "model.g_ch=8", "model.d_ch=8", "train.batch_size=16",
                           f"train.storage_path={tmp_path / 'runs'}",
-                          "tracking.registered_model=sagan-quickstart-test"],
+                          "tracking.registered_model=sagan-quickstart-test",
+                          "eval.num_samples=100", "eval.real_samples=100", "eval.batch_size=50",
+                          f"eval.cache_dir={tmp_path / 'fid'}"],
                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-5000:]
@@ -277,6 +281,13 @@ def test_quickstart_trains_and_registers_a_model(local_stack, tmp_path: Path) ->
     mv = MlflowClient(local_stack.mlflow_uri).get_model_version_by_alias(
         "sagan-quickstart-test", "latest")
     assert int(mv.version) >= 1
+    fid = float(mv.tags["fid"])
+    assert 100 < fid < 600  # 10 steps of a tiny model: far from real, far from zero
+    assert f"FID:               {fid:.1f}   (EMA generator, 100 samples vs 100 held-out" in out
+    champion = MlflowClient(local_stack.mlflow_uri).get_model_version_by_alias(
+        "sagan-quickstart-test", "champion")
+    assert "models:/sagan-quickstart-test@champion" in out and champion.tags["fid"]
+    assert "fashion-mnist-32-test" in out  # the held-out split was prepared and used
     assert any((tmp_path / "runs").rglob("*")), "no checkpoint written to train.storage_path"
 
 

@@ -34,11 +34,13 @@ COVERAGE = {
         f"{E2E}::test_readme_sagan32_two_workers",
     "python pipelines/tune.py --config configs/sweep_placement.yaml":
         "tests/test_tune.py::test_readme_placement_sweep",
+    "python pipelines/tune.py --config configs/results_attention.yaml":
+        "tests/test_tune.py::test_results_sweep_runs_every_trial_to_the_end_and_writes_the_report",
     "ray job submit --address http://HEAD:8265 --working-dir . -- python pipelines/tune.py "
     "--config configs/sweep_placement.yaml":
         "tests/test_tune.py::test_sweep_asha_mlflow_and_resume",
     "python pipelines/evaluate.py --model models:/sagan-fashion-quickstart@latest --data "
-    "data/fashion-mnist-32 --num-samples 5000 --out metrics.json":
+    "data/fashion-mnist-32-test --num-samples 5000 --out metrics.json":
         "tests/test_embedded_default.py::test_readme_embedded_default_on_a_fresh_copy",
     "python pipelines/sample.py --model runs/quickstart/checkpoint_XXX/checkpoint.pt --out "
     "grid.png --attention-out attention.png --query 8,8 --query 20,12":

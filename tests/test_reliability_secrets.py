@@ -262,7 +262,7 @@ def test_secrets_never_reach_mlflow_or_logs(secret_run, tmp_path):
     scanned.update(_mlflow_texts(secret_run.stack.mlflow_uri, tmp_path))
     artifacts = [k for k in scanned if " artifact " in k]
     assert any(k.endswith("config.yaml") for k in artifacts)
-    assert any("samples/" in k for k in artifacts) and any("MLmodel" in k for k in artifacts)
+    assert any("images/samples+" in k for k in artifacts) and any("MLmodel" in k for k in artifacts)
     assert any("job-driver" in k for k in scanned)  # the Ray session logs were read
 
     leaks = {name: _hits(blob, secrets) for name, blob in scanned.items()}

@@ -153,7 +153,7 @@ def test_model_shards_and_artifacts_survive_down_and_up(persist: Persist, tmp_pa
     ckpts_before = {k: o["ETag"] for k, o in _objects(persist, "persist-ckpt/").items()}
     artifacts_before = _mlflow_artifacts(persist.info.mlflow_uri, tmp_path / "before")
     assert any(k.endswith("MLmodel") for k in artifacts_before), sorted(artifacts_before)
-    assert any("samples/" in k for k in artifacts_before)
+    assert any("images/samples+" in k for k in artifacts_before)  # mlflow.log_image(key=)
 
     old_pids = dict(persist.info.pids)
     assert down(persist.cfg.state_dir, quiet=True) == {s: [] for s in old_pids}
@@ -335,7 +335,7 @@ def _sigterm(cmd: list[str], word: str) -> tuple[int, str, int, int]:
 @pytest.mark.slow
 def test_sigterm_to_the_benchmark_leaves_no_s3_server(tmp_path: Path):
     rc, out, pid, ticks = _sigterm(
-        [PY, "bench/data_stream.py", "--limit", "3000", "--repeats", "1",
+        [PY, "-m", "bench.data_stream", "--limit", "3000", "--repeats", "1",
          "--out", str(tmp_path / "ds.json")], "weed")
     assert rc == 143, out[-3000:]
     assert _gone(pid, ticks), f"S3 server {pid} outlived the benchmark"

@@ -53,7 +53,8 @@ def test_job_trains_logs_and_registers(local_stack, stack_shards, inception_weig
         f"train.storage_path={storage}", "train.run_name=e2e",
         "tracking.registered_model=e2e-gen", "eval.eval_every=12", "eval.num_samples=20",
         "eval.real_samples=20", "eval.batch_size=10", "eval.metrics=[fid, kid]",
-        f"eval.inception_weights={inception_weights}", f"eval.cache_dir={tmp_path / 'fid'}"])
+        f"eval.inception_weights={inception_weights}", f"eval.cache_dir={tmp_path / 'fid'}",
+        f"eval.real_path={stack_shards}"])
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "done: step 12/12" in out
@@ -73,9 +74,12 @@ def test_job_trains_logs_and_registers(local_stack, stack_shards, inception_weig
     assert [m.step for m in fid] == [12] and fid[0].value > 0
     assert len(client.get_metric_history(run_id, "kid")) == 1
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "samples"} <= artifacts
-    samples = sorted(a.path for a in client.list_artifacts(run_id, "samples"))
-    assert samples == ["samples/step_0000006.png", "samples/step_0000012.png"]
+    assert {"config.yaml", "images"} <= artifacts
+    # MLflow image logging: `images/<key>+step+<step>+...png` (key '/' stored as '~')
+    images = [a.path.split("/", 1)[1] for a in client.list_artifacts(run_id, "images")
+              if a.path.endswith(".png")]
+    assert sorted((i.split("+")[0], int(i.split("+")[2])) for i in images) == [
+        ("attention~16", 6), ("attention~16", 12), ("samples", 6), ("samples", 12)]
 
     version = client.get_model_version_by_alias("e2e-gen", "champion")  # first FID -> champion
     assert version.run_id == run_id and float(version.tags["fid"]) == pytest.approx(fid[0].value,

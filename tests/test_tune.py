@@ -17,7 +17,8 @@ from tests.fixtures.stack import ROOT, stop_job, submit_job, submitted_job_id
 
 
 def test_parser_accepts_the_shipped_sweeps():
-    for name in ("sweep_placement.yaml", "sweep_lr.yaml"):
+    for name in ("sweep_placement.yaml", "sweep_lr.yaml", "results_attention.yaml",
+                 "results_diffaugment.yaml"):
         data = yaml.safe_load((ROOT / "configs" / name).read_text())
         spec = parse_sweep(data)
         assert spec.metric == "fid" and spec.base.eval.eval_every > 0
@@ -45,9 +46,17 @@ def test_parser_rejects_bad_sections():
         parse_sweep({"search_space": ok_space, "tune": {"shedule": "asha"},
                      "overrides": ["eval.eval_every=10"]})
     with pytest.raises(SweepError, match="needs eval.eval_every > 0"):
-        parse_sweep({"search_space": ok_space})
+        parse_sweep({"search_space": ok_space, "overrides": ["eval.eval_every=0"]})
     with pytest.raises(SweepError, match="unknown key 'searchspace'"):
         parse_sweep({"searchspace": ok_space})
+    with pytest.raises(SweepError, match="tune.scheduler must be 'asha' or 'none'"):
+        parse_sweep({"search_space": ok_space, "tune": {"scheduler": "fifo"},
+                     "overrides": ["eval.eval_every=10"]})
+    # no early stopping: a grace period longer than the run is no error then
+    spec = parse_sweep({"search_space": {"seed": {"grid": [0, 1]}},
+                        "tune": {"scheduler": "none", "grace_period": 99},
+                        "overrides": ["eval.eval_every=10", "train.steps=20"]})
+    assert spec.space == {"train.seed": ("grid", [0, 1])}
 
 
 # --------------------------------------------------------------------------- a real sweep
@@ -77,7 +86,8 @@ def test_sweep_asha_mlflow_and_resume(local_stack, fashion_shards, inception_wei
             "eval.real_samples=16", "eval.batch_size=16", "eval.metrics=[fid]",
             f"eval.inception_weights={inception_weights}", f"eval.cache_dir={tmp_path / 'fid'}",
             f"data.path={fashion_shards.location}", "data.loader_workers=0",
-            "tracking.registered_model=sweep-gen", "tracking.experiment=sweep-test"],
+            f"eval.real_path={fashion_shards.location}", "tracking.registered_model=sweep-gen",
+            "tracking.experiment=sweep-test"],
         "search_space": {"attention": {"grid": [[], [16]]},
                          "lr_d": {"grid": [2.0e-4, 4.0e-4]}},
         "tune": {"name": "t-sweep", "num_samples": 1, "max_concurrent_trials": 2,
@@ -166,6 +176,7 @@ def test_readme_placement_sweep(local_stack, fashion_shards, inception_weights, 
          "eval.num_samples=8", "eval.real_samples=8", "eval.batch_size=8", "eval.metrics=[fid]",
          f"eval.inception_weights={inception_weights}", f"eval.cache_dir={tmp_path / 'fid'}",
          f"data.path={fashion_shards.location}", "data.loader_workers=0",
+         f"eval.real_path={fashion_shards.location}",
          "data.shuffle_buffer=50", "tracking.registered_model=readme-sweep-gen",
          "tracking.experiment=readme-sweep"],
         env=local_stack.environ(), capture_output=True, text=True, timeout=900, cwd=ROOT)
@@ -175,3 +186,41 @@ def test_readme_placement_sweep(local_stack, fashion_shards, inception_weights, 
     client = MlflowClient(local_stack.mlflow_uri)
     best = client.get_model_version_by_alias("readme-sweep-gen", "sweep-best")
     assert float(best.tags["fid"]) > 0
+
+
+@pytest.mark.slow
+def test_results_sweep_runs_every_trial_to_the_end_and_writes_the_report(
+        local_stack, fashion_shards, inception_weights, tmp_path):
+    """docs/RESULTS.md's `python pipelines/tune.py --config configs/results_attention.yaml`,
+    made small: no early stopping (all 4 trials reach train.steps), and the report directory
+    holds the FID-vs-step plot, a per-variant table over both seeds and each final grid."""
+    import subprocess
+    import sys
+
+    report = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "pipelines/tune.py", "--config", "configs/results_attention.yaml",
+         "--storage-path", str(tmp_path / "tune"), "--report-dir", str(report),
+         "model.g_ch=8", "model.d_ch=8", "model.z_dim=32", "train.batch_size=8",
+         "train.steps=4", "train.ckpt_every=2", "train.sample_every=0", "train.log_every=2",
+         "eval.eval_every=2", "eval.num_samples=8", "eval.real_samples=8",
+         "eval.batch_size=8", "eval.metrics=[fid]",
+         f"eval.inception_weights={inception_weights}", f"eval.cache_dir={tmp_path / 'fid'}",
+         f"data.path={fashion_shards.location}", f"eval.real_path={fashion_shards.location}",
+         "data.loader_workers=0", "data.shuffle_buffer=50",
+         "tracking.registered_model=results-gen", "tracking.experiment=results-test"],
+        env=local_stack.environ(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    rows = list(csv.DictReader(io.StringIO((report / "summary.csv").read_text())))
+    assert len(rows) == 4 and all(r["steps_reached"] == "4" for r in rows)
+    assert sorted((r["model.attention"], r["train.seed"]) for r in rows) == \
+        [("[16]", "0"), ("[16]", "1"), ("[]", "0"), ("[]", "1")]
+    table = (report / "variants.md").read_text().splitlines()
+    assert table[2].startswith("| attention=[16] | ") and table[3].startswith("| attention=[] | ")
+    assert all(len(line.split("|")[2].split(",")) == 2 for line in table[2:])  # two seeds each
+    assert (report / "fid_vs_step.png").stat().st_size > 10_000
+    grids = sorted(p.name for p in report.glob("grid_*.png"))
+    assert grids == ["grid_attention=16_seed=0_step4.png", "grid_attention=16_seed=1_step4.png",
+                     "grid_attention=none_seed=0_step4.png",
+                     "grid_attention=none_seed=1_step4.png"]

@@ -5,9 +5,11 @@
 #   bash infra/local/quickstart.sh train.steps=50 model.g_attention=[]    # config overrides
 #
 # Steps: virtualenv + project install -> offline Fashion-MNIST -> local stack (S3, MLflow,
-# Ray head) -> shards into s3://$SAGAN_DATA_BUCKET/fashion-mnist-32 -> `ray job submit` of
-# pipelines/train.py --config configs/quickstart.yaml (logs followed) -> MLflow UI address and
-# the registered model URI. Every step is skipped when already done, so re-running is cheap.
+# Ray head) -> shards into s3://$SAGAN_DATA_BUCKET/fashion-mnist-32 (train split) and
+# fashion-mnist-32-test (held-out test split, for FID) -> `ray job submit` of
+# pipelines/train.py --config configs/quickstart.yaml (logs followed) -> MLflow UI address, the
+# registered model URI, its FID and the champion. Every step is skipped when already done, so
+# re-running is cheap.
 #
 # Arguments are passed to pipelines/train.py after the config (KEY=VALUE overrides or flags
 # such as --workers 1). Environment knobs:
@@ -62,9 +64,12 @@ STATE_DIR="${SAGAN_STATE_DIR:-$ROOT/.state}"
 source "$STATE_DIR/env"
 
 # ---------------------------------------------------------------- 4. shards in S3
+# Training shards from the train split; the held-out real set FID is measured against from
+# the test split (FID against the training images would reward memorisation).
 DATA="s3://$SAGAN_DATA_BUCKET/$DATASET_PREFIX"
-step "Training shards at $DATA"
-if python - "$SAGAN_DATA_BUCKET" "$DATASET_PREFIX/manifest.json" <<'PY'
+HELDOUT="s3://$SAGAN_DATA_BUCKET/$DATASET_PREFIX-test"
+prepared() {
+  python - "$SAGAN_DATA_BUCKET" "$1/manifest.json" <<'PY'
 import sys
 
 import boto3
@@ -74,13 +79,22 @@ try:
 except Exception:
     sys.exit(1)
 PY
-then
-  echo "already prepared (manifest.json present)"
-else
-  limit_args=()
-  if [ -n "${SAGAN_QUICKSTART_LIMIT:-}" ]; then limit_args=(--limit "$SAGAN_QUICKSTART_LIMIT"); fi
-  python pipelines/prepare_data.py fashion-mnist "$DATA" --image-size 32 "${limit_args[@]}"
-fi
+}
+for split in train test; do
+  if [ "$split" = train ]; then out="$DATA"; prefix="$DATASET_PREFIX"; else
+    out="$HELDOUT"; prefix="$DATASET_PREFIX-test"; fi
+  step "Fashion-MNIST $split split -> $out"
+  if prepared "$prefix"; then
+    echo "already prepared (manifest.json present)"
+  else
+    limit_args=()
+    if [ "$split" = train ] && [ -n "${SAGAN_QUICKSTART_LIMIT:-}" ]; then
+      limit_args=(--limit "$SAGAN_QUICKSTART_LIMIT")
+    fi
+    python pipelines/prepare_data.py fashion-mnist "$out" --image-size 32 --split "$split" \
+      "${limit_args[@]}"
+  fi
+done
 
 # ---------------------------------------------------------------- 5. train on Ray
 step "Submitting pipelines/train.py --config $CONFIG to $RAY_API_SERVER_ADDRESS"
@@ -89,12 +103,14 @@ echo "(Ctrl-C stops following the logs, not the job: 'ray job stop <id>' stops i
 # (.gitignore is honoured too; these are listed so a custom .gitignore cannot bloat uploads).
 # Checkpoints go to <repo>/runs (absolute: the job runs in a copy of the working dir), so a
 # re-run with the same cluster.run_name resumes; later arguments override any of this.
+# The upload carries no .git: the commit (and a dirty flag) of this checkout travel in the
+# job's environment, so MLflow records the code version the run was submitted from.
 EXCLUDES='{"excludes": ["/.git/", "/.venv/", "/.state/", "/data/", "/runs/", "/mlruns/", "/bench/results/"]}'
 SUBMISSION_ID="quickstart-$(date +%Y%m%d-%H%M%S)"
 if ! ray job submit --address "$RAY_API_SERVER_ADDRESS" --submission-id "$SUBMISSION_ID" \
-    --working-dir . --runtime-env-json "$EXCLUDES" \
+    --working-dir . --runtime-env-json "$(python -m pipelines.lineage --runtime-env "$EXCLUDES")" \
     -- python pipelines/train.py --config "$CONFIG" "data.path=$DATA" \
-       "cluster.storage_path=$ROOT/runs" "$@"; then
+       "eval.real_path=$HELDOUT" "cluster.storage_path=$ROOT/runs" "$@"; then
   die "the training job failed; logs: ray job logs --address $RAY_API_SERVER_ADDRESS $SUBMISSION_ID"
 fi
 
@@ -112,13 +128,28 @@ overrides = [a for a in sys.argv[2:] if "=" in a and not a.startswith("-")]
 cfg = load_run_config(sys.argv[1], overrides)
 name = cfg.tracking.registered_model
 uri = os.environ["MLFLOW_TRACKING_URI"]
+client = MlflowClient(uri)
 print(f"MLflow UI:         {uri}   (experiment '{cfg.tracking.experiment}')")
 try:
-    mv = MlflowClient(uri).get_model_version_by_alias(name, "latest")
-    print(f"Registered model:  models:/{name}@latest   (version {mv.version}, run {mv.run_id})")
+    mv = client.get_model_version_by_alias(name, "latest")
 except Exception as exc:  # registration can be switched off (--no-register)
     print(f"Registered model:  models:/{name}@latest   (not found: {exc})")
     sys.exit(1)
+fid = mv.tags.get("fid")
+n = cfg.eval.num_samples
+print(f"Registered model:  models:/{name}@latest   (version {mv.version}, run {mv.run_id}, "
+      f"step {mv.tags.get('step')})")
+if fid is None:
+    print("FID:               not measured (eval.eval_every is 0)")
+else:
+    print(f"FID:               {float(fid):.1f}   (EMA generator, {n} samples vs "
+          f"{cfg.eval.real_samples} held-out test images, standard Inception features)")
+try:
+    champ = client.get_model_version_by_alias(name, "champion")
+    print(f"Champion:          models:/{name}@champion   (version {champ.version}, "
+          f"FID {float(champ.tags['fid']):.1f})")
+except Exception:
+    print(f"Champion:          none yet (models:/{name}@champion needs a measured FID)")
 PY
 echo
 echo "Stack stays up for more runs: 'source $STATE_DIR/env'. infra/local/down stops it and keeps"

@@ -108,11 +108,13 @@ def prepare_dataset(source: str, out: str, image_size: int = 32, channels: int |
 
 
 def ensure_dataset(data_cfg: Any, image_size: int, channels: int,
-                   samples_per_shard: int = 1000) -> Manifest:
-    """Load ``data_cfg.path``; if it is a local directory without a manifest and
-    ``data_cfg.prepare_source`` is set, prepare it first (once: concurrent callers, e.g. the
-    ranks of one machine, wait on a lock file and then load what the first one wrote)."""
-    path = str(data_cfg.path)
+                   samples_per_shard: int = 1000, path: str | None = None,
+                   split: str = "train") -> Manifest:
+    """Load ``path`` (default ``data_cfg.path``); if it is a local directory without a
+    manifest and ``data_cfg.prepare_source`` is set, prepare that split of the source first
+    (once: concurrent callers, e.g. the ranks of one machine, wait on a lock file and then
+    load what the first one wrote)."""
+    path = str(data_cfg.path if path is None else path)
     endpoint = getattr(data_cfg, "endpoint_url", None)
     source = getattr(data_cfg, "prepare_source", None)
     remote = "://" in path and not path.startswith("file://")
@@ -127,7 +129,7 @@ def ensure_dataset(data_cfg: Any, image_size: int, channels: int,
             m = load_manifest(path, endpoint)
         except DataError:
             m = prepare_dataset(source, path, image_size=image_size, channels=channels,
-                                samples_per_shard=samples_per_shard)
+                                samples_per_shard=samples_per_shard, split=split)
     if m.image_size != image_size or m.channels != channels:
         raise DataError(f"{path}: prepared {m.image_size}px x{m.channels}, "
                         f"but model needs {image_size}px x{channels}")
