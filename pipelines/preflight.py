@@ -55,10 +55,12 @@ def localize_paths(cfg: PipelineConfig, cwd: Path | None = None
     """(a copy of `cfg` whose local paths are absolute, the dotted fields that were relative).
 
     Relative paths are taken relative to `cwd` (default: the directory the command runs in),
-    which is where a user expects `data/fashion-mnist-32` to be."""
+    which is where a user expects `data/fashion-mnist-32` to be. The eval paths of a run that
+    never evaluates (eval.eval_every 0) are made absolute but not reported: nothing reads them."""
     cwd = Path(cwd or Path.cwd()).resolve()
     out = copy.deepcopy(cfg)
     relative: list[tuple[str, str]] = []
+    unused = "eval." if cfg.eval.eval_every <= 0 else None
     for dotted in LOCAL_PATH_FIELDS:
         section, name = dotted.split(".")
         value = getattr(getattr(out, section), name)
@@ -67,7 +69,7 @@ def localize_paths(cfg: PipelineConfig, cwd: Path | None = None
         fix = _source_absolute if name == "prepare_source" else _absolute
         new, was_relative = fix(str(value), cwd)
         setattr(getattr(out, section), name, new)
-        if was_relative:
+        if was_relative and not (unused and dotted.startswith(unused)):
             relative.append((dotted, str(value)))
     return out, relative
 

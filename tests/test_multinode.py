@@ -26,7 +26,7 @@ from tests.fixtures.stack import JOB_TINY, start_driver
 STARTED = re.compile(r"pid=(\d+)\).*\[rank (\d+)\] started: (\d+) worker\(s\), \w+, node (\w+)")
 FINISHED = re.compile(r"\[rank (\d+)\] finished step (\d+): G/D/EMA sha256 (\w+)")
 RESUMED = re.compile(r"\[rank 0\] resumed from \S+ at step (\d+)")
-STEP = re.compile(r"\bstep (\d+)/\d+ loss_d")
+STEP = re.compile(r"\bstep (\d+)/\d+ \(\d+%\)")
 TINY = [*[o for o in JOB_TINY if not o.startswith("train.workers")], "train.sample_every=0",
         "eval.eval_every=0", "cluster.cpus_per_worker=2"]
 
