@@ -257,7 +257,7 @@ def bench_preset(preset: int, args: argparse.Namespace, device: torch.device,
                  peaks: PeakTracker) -> dict[str, Any]:
     path = ROOT / "configs" / f"sagan{preset}.yaml"
     preset_cfg = load_run_config(path)
-    batch = args.batch or max(1, preset_cfg.train.batch_size // preset_cfg.cluster.workers)
+    batch = args.batch or max(1, preset_cfg.train.batch_size // preset_cfg.cluster.max_workers)
     overrides = ["train.ema_start=0", *args.set, f"train.batch_size={batch}"]
     base_cfg = load_config(path, overrides)
     batch = base_cfg.train.batch_size

@@ -17,22 +17,48 @@ from typing import ClassVar
 
 from sagan.config import Config, config_from_dict, load_config, require
 
+PLACEMENTS = ("pack", "spread", "strict_spread")
+
 
 @dataclass
 class ClusterConfig:
-    """Ray Train: ScalingConfig, FailureConfig, RunConfig(name, storage_path), CheckpointConfig."""
+    """Ray Train: ScalingConfig, FailureConfig, RunConfig(name, storage_path), CheckpointConfig.
 
-    workers: int = 1
+    `workers: [min, max]` is Ray Train V2's elastic scaling: the run starts with as many
+    workers as the cluster can place (at most max), restarts on fewer (at least min) from the
+    last checkpoint when a node is lost, and grows back when capacity returns (checked every
+    `resize_interval_s`). train.batch_size is the global batch at every size (docs/INFRA.md)."""
+
+    workers: int | list[int] = 1  # N, or [min, max] for elastic training
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # 0: CPU workers with gloo
+    placement: str = "pack"  # pack | spread | strict_spread (one worker per node)
+    resize_interval_s: float = 60.0  # elastic: how often a running group checks for capacity
     max_failures: int = 3  # worker-group restarts after worker errors; -1: unlimited
     storage_path: str = "runs"  # local directory or s3://bucket/prefix
+    shared_storage: bool = False  # a local storage_path that every node mounts (NFS, ...)
     run_name: str = "sagan"  # same name (and storage) = continue the run
     keep_checkpoints: int = 3
     # Ray Train's own console log level (RunConfig.logging_config) for its `ray.train` loggers:
     # ERROR also hides its harmless "Failed to send resource request ... GetTimeoutError"
     # warnings on busy machines, and its INFO lines (worker-group starts, retry decisions).
     ray_log_level: str = "INFO"
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[-1]
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.workers, int)
+
+    def num_workers(self) -> int | tuple[int, int]:
+        """ScalingConfig(num_workers=...): an int, or (min, max) for elastic scaling."""
+        return (self.min_workers, self.max_workers) if self.elastic else self.min_workers
 
 
 @dataclass
@@ -54,9 +80,21 @@ class PipelineConfig(Config):
     def validate(self) -> None:
         super().validate()
         c, t = self.cluster, self.train
-        require(c.workers >= 1, "cluster.workers", f"must be >= 1, got {c.workers}")
-        require(t.batch_size % c.workers == 0, "train.batch_size",
-                f"{t.batch_size} is not divisible by cluster.workers={c.workers}")
+        if c.elastic:
+            require(len(c.workers) == 2, "cluster.workers",
+                    f"must be N or [min, max], got {c.workers}")
+        require(1 <= c.min_workers <= c.max_workers, "cluster.workers",
+                f"must be >= 1 (and min <= max), got {c.workers}")
+        # the global batch stays train.batch_size at every world size the run may have
+        sizes = range(c.min_workers, c.max_workers + 1)
+        bad = [w for w in sizes if t.batch_size % w]
+        require(not bad, "train.batch_size",
+                f"{t.batch_size} is not divisible by cluster.workers={c.workers}" if not c.elastic
+                else f"{t.batch_size} is not divisible by every world size in cluster.workers="
+                     f"{c.workers} (not by {bad[0] if bad else 0}); pick a multiple of each")
+        require(c.placement in PLACEMENTS, "cluster.placement",
+                f"must be one of {', '.join(PLACEMENTS)}, got {c.placement!r}")
+        require(c.resize_interval_s >= 0, "cluster.resize_interval_s", "must be >= 0")
         require(c.cpus_per_worker > 0, "cluster.cpus_per_worker", "must be > 0")
         require(c.gpus_per_worker >= 0, "cluster.gpus_per_worker", "must be >= 0")
         require(c.max_failures >= -1, "cluster.max_failures", "must be >= -1 (-1: unlimited)")

@@ -62,12 +62,19 @@ def prepare(cfg: PipelineConfig, tracking_uri: str | None
 def join_cluster(cfg: PipelineConfig, relative: list[tuple[str, str]],
                  allow_autoscale: bool) -> None:
     """Connect to the Ray cluster (pipelines/ray_cluster.py) and check that it can run this
-    config: no relative paths on several nodes, room for the workers."""
-    from pipelines.preflight import check_resources, refuse_relative_on_many_nodes
+    config: no relative paths and no node-local checkpoint storage on several nodes, room for
+    the workers."""
+    from pipelines.preflight import (
+        check_resources,
+        refuse_local_storage_on_many_nodes,
+        refuse_relative_on_many_nodes,
+    )
     from pipelines.ray_cluster import alive_nodes, connect
 
     print(f"training on {connect()}", flush=True)
-    refuse_relative_on_many_nodes(relative, alive_nodes())
+    nodes = alive_nodes()
+    refuse_relative_on_many_nodes(relative, nodes)
+    refuse_local_storage_on_many_nodes(cfg, nodes)
     check_resources(cfg, allow_autoscale)
 
 
@@ -79,7 +86,7 @@ def fit(cfg: PipelineConfig, tracking_uri: str | None, run_id: str | None,
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.ray_cluster import storage_location
+    from pipelines.ray_cluster import CapacityWatch, storage_location
     from pipelines.tracking import mark_stopped
     from pipelines.train_loop import EXIT_KEY, STOPPED_KEY, train_loop_per_worker
 
@@ -91,9 +98,11 @@ def fit(cfg: PipelineConfig, tracking_uri: str | None, run_id: str | None,
         train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri,
                            "run_id": run_id},
         scaling_config=ScalingConfig(
-            num_workers=c.workers, use_gpu=c.gpus_per_worker > 0,
+            num_workers=c.num_workers(), use_gpu=c.gpus_per_worker > 0,
             resources_per_worker={"CPU": c.cpus_per_worker,
-                                  **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}),
+                                  **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})},
+            placement_strategy=c.placement.upper(),
+            elastic_resize_monitor_interval_s=c.resize_interval_s),
         run_config=RunConfig(
             name=c.run_name, storage_path=path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=c.max_failures),
@@ -101,7 +110,8 @@ def fit(cfg: PipelineConfig, tracking_uri: str | None, run_id: str | None,
             worker_runtime_env={"env_vars": env} if env else None,
             callbacks=callbacks, logging_config=LoggingConfig(log_level=c.ray_log_level)),
     )
-    result = trainer.fit()
+    with CapacityWatch(c):
+        result = trainer.fit()
     stopped = result.return_value if isinstance(result.return_value, dict) else {}
     if stopped.get(STOPPED_KEY):
         message = str(stopped[STOPPED_KEY])

@@ -55,10 +55,12 @@ def localize_paths(cfg: PipelineConfig, cwd: Path | None = None
     """(a copy of `cfg` whose local paths are absolute, the dotted fields that were relative).
 
     Relative paths are taken relative to `cwd` (default: the directory the command runs in),
-    which is where a user expects `data/fashion-mnist-32` to be."""
+    which is where a user expects `data/fashion-mnist-32` to be. The eval paths of a run that
+    never evaluates (eval.eval_every 0) are made absolute but not reported: nothing reads them."""
     cwd = Path(cwd or Path.cwd()).resolve()
     out = copy.deepcopy(cfg)
     relative: list[tuple[str, str]] = []
+    unused = "eval." if cfg.eval.eval_every <= 0 else None
     for dotted in LOCAL_PATH_FIELDS:
         section, name = dotted.split(".")
         value = getattr(getattr(out, section), name)
@@ -67,7 +69,7 @@ def localize_paths(cfg: PipelineConfig, cwd: Path | None = None
         fix = _source_absolute if name == "prepare_source" else _absolute
         new, was_relative = fix(str(value), cwd)
         setattr(getattr(out, section), name, new)
-        if was_relative:
+        if was_relative and not (unused and dotted.startswith(unused)):
             relative.append((dotted, str(value)))
     return out, relative
 
@@ -96,6 +98,17 @@ def refuse_relative_on_many_nodes(relative: list[tuple[str, str]], nodes: int) -
             f"{field} '{value}' is a relative local path and the Ray cluster has {nodes} nodes: "
             "it would name a different place on each; use s3://, or an absolute path on "
             "storage that every node mounts")
+
+
+def refuse_local_storage_on_many_nodes(cfg: PipelineConfig, nodes: int) -> None:
+    """Checkpoints are written by rank 0 and read back by every rank of the next worker group,
+    wherever Ray places them: on several nodes they must live where every node sees them."""
+    c = cfg.cluster
+    if nodes > 1 and _is_local(c.storage_path) and not c.shared_storage:
+        raise PreflightError(
+            f"cluster.storage_path '{c.storage_path}' is node-local and the Ray cluster has "
+            f"{nodes} nodes: a worker restarted on another node would not find the "
+            "checkpoints; use s3://, or set cluster.shared_storage=true if every node mounts it")
 
 
 # --------------------------------------------------------------------------- data
@@ -144,10 +157,13 @@ def check_resources(cfg: PipelineConfig, allow_autoscale: bool) -> None:
     """Refuse up front when the cluster cannot place the workers (saying what is free)."""
     import ray
 
+    from pipelines.ray_cluster import placeable_workers
+
     c = cfg.cluster
-    need = {"CPU": c.workers * c.cpus_per_worker, "GPU": c.workers * c.gpus_per_worker}
+    n = c.min_workers  # an elastic run starts with what fits, at least min
+    need = {"CPU": n * c.cpus_per_worker, "GPU": n * c.gpus_per_worker}
     total, free = ray.cluster_resources(), ray.available_resources()
-    short = [r for r, n in need.items() if n > 0 and total.get(r, 0) < n]
+    short = [r for r, k in need.items() if k > 0 and total.get(r, 0) < k]
     if short and not allow_autoscale:
         raise PreflightError(
             f"cluster.workers={c.workers} x (CPU {c.cpus_per_worker}, GPU {c.gpus_per_worker}) "
@@ -155,3 +171,9 @@ def check_resources(cfg: PipelineConfig, allow_autoscale: bool) -> None:
             f"{total.get('CPU', 0):g} (free {free.get('CPU', 0):g}), GPU {total.get('GPU', 0):g} "
             f"(free {free.get('GPU', 0):g}). Lower --workers, or pass --allow-autoscale on an "
             "autoscaling cluster")
+    fits, nodes = placeable_workers(c.cpus_per_worker, c.gpus_per_worker, c.placement)
+    if fits < n and not allow_autoscale:
+        raise PreflightError(
+            f"cluster.workers={c.workers} with cluster.placement={c.placement} needs {n} "
+            f"worker(s) of CPU {c.cpus_per_worker:g}, GPU {c.gpus_per_worker:g}, but the {nodes} "
+            f"node(s) of the cluster hold {fits}; lower --workers or use another placement")

@@ -71,3 +71,57 @@ def storage_location(path: str) -> tuple[str, object | None]:
     region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
     return path[len("s3://"):], fs.S3FileSystem(endpoint_override=host, scheme=scheme,
                                                 region=region)
+
+
+def placeable_workers(cpus: float, gpus: float, placement: str) -> tuple[int, int]:
+    """(how many workers of (cpus, gpus) the alive nodes can hold, how many nodes are alive),
+    from each node's total resources; `strict_spread` puts at most one worker on a node."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    total = 0
+    for node in alive:
+        res = node.get("Resources", {})
+        fits = [res.get(name, 0.0) // need for name, need in (("CPU", cpus), ("GPU", gpus))
+                if need > 0]
+        n = int(min(fits)) if fits else 1
+        total += min(n, 1) if placement == "strict_spread" else n
+    return total, len(alive)
+
+
+class CapacityWatch:
+    """While a run trains, say once per change when the cluster cannot hold
+    `cluster.workers`' minimum (a node was lost and no spare one is there): Ray Train then
+    waits for capacity without a word on the driver. Polls the GCS every `period` seconds."""
+
+    def __init__(self, cluster, period: float = 2.0):
+        import threading
+
+        self.c, self.period = cluster, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="capacity-watch", daemon=True)
+
+    def __enter__(self) -> CapacityWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.period + 1)
+
+    def _run(self) -> None:
+        c, short = self.c, False
+        while not self._stop.wait(self.period):
+            try:
+                n, nodes = placeable_workers(c.cpus_per_worker, c.gpus_per_worker, c.placement)
+            except Exception:  # noqa: BLE001 - the GCS is busy or restarting: ask again later
+                continue
+            if n < c.min_workers and not short:
+                print(f"waiting for capacity: cluster.workers={c.workers} needs {c.min_workers} "
+                      f"worker(s) of CPU {c.cpus_per_worker:g}, GPU {c.gpus_per_worker:g} "
+                      f"(placement {c.placement}) but the {nodes} alive node(s) hold {n}; "
+                      "training continues from the last checkpoint when a node joins",
+                      flush=True)
+            elif n >= c.min_workers and short:
+                print(f"capacity back: the {nodes} alive node(s) hold {n} worker(s)", flush=True)
+            short = n < c.min_workers

@@ -26,6 +26,7 @@ class Session:
     local_rank: int = 0  # rank on this node
     node_rank: int = 0
     local_world_size: int = 1  # < world_size: the workers span several nodes
+    node: str = ""  # the Ray node id this worker runs on (progress lines, multi-node tests)
 
     @classmethod
     def for_ray_train(cls) -> Session:
@@ -36,7 +37,8 @@ class Session:
         ctx = ray.train.get_context()
         return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
                    ray.train.report, ray.train.get_checkpoint, ray.train.Checkpoint,
-                   ctx.get_local_rank(), ctx.get_node_rank(), ctx.get_local_world_size())
+                   ctx.get_local_rank(), ctx.get_node_rank(), ctx.get_local_world_size(),
+                   ray.get_runtime_context().get_node_id())
 
     @classmethod
     def for_tune_trial(cls) -> Session:
@@ -44,7 +46,8 @@ class Session:
         import ray.tune
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(0, 1, device, ray.tune.report, ray.tune.get_checkpoint, ray.tune.Checkpoint)
+        return cls(0, 1, device, ray.tune.report, ray.tune.get_checkpoint, ray.tune.Checkpoint,
+                   node=ray.get_runtime_context().get_node_id())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         """Report `metrics` (and the checkpoint in `checkpoint_dir`, uploaded to the run's

@@ -192,7 +192,7 @@ def trainable(params: dict[str, Any], spec: SweepSpec, tracking_uri: str, parent
     run_id, _ = find_or_create_run(cfg, tracking_uri, parent_run_id=parent,
                                    extra_tags={"sagan.sweep": spec.name,
                                                "sagan.trial_id": trial_id})
-    if cfg.cluster.workers > 1:
+    if cfg.cluster.max_workers > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         run_training(cfg, tracking_uri, register_model=False, parent_run_id=parent,
@@ -227,7 +227,7 @@ def run_sweep(spec: SweepSpec, tracking_uri: str) -> dict[str, Any]:
     storage = str(Path(spec.storage_path).expanduser().resolve()) \
         if "://" not in spec.storage_path else spec.storage_path
     c = spec.base.cluster
-    resources = {"cpu": c.cpus_per_worker, "gpu": c.gpus_per_worker} if c.workers == 1 else \
+    resources = {"cpu": c.cpus_per_worker, "gpu": c.gpus_per_worker} if c.max_workers == 1 else \
         {"cpu": 1}
     trial = tune.with_resources(tune.with_parameters(
         trainable, spec=spec, tracking_uri=tracking_uri, parent=parent), resources)

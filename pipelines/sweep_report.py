@@ -140,7 +140,7 @@ def _write_report(spec: Any, results: Any, rows: list[dict[str, Any]], plot: Pat
     (out / "variants.md").write_text(_variants_table(spec, rows))
     shutil.copy(plot, out / plot.name)
     for result in results:
-        state = _checkpoint_state(result)
+        state = _checkpoint_state(spec, result)
         if state is None:
             continue
         G = Generator(checkpoint_config(state).model)
@@ -153,15 +153,20 @@ def _write_report(spec: Any, results: Any, rows: list[dict[str, Any]], plot: Pat
     print(f"sweep report written to {out}", flush=True)
 
 
-def _checkpoint_state(result: Any) -> dict | None:
+def _checkpoint_state(spec: Any, result: Any) -> dict | None:
+    """The trial's last checkpoint: Tune's own (1-worker trials), or the one its inner
+    TorchTrainer reported (`checkpoint_path`, relative to the storage's filesystem: on a custom
+    S3 endpoint `bucket/...` with no scheme, so the filesystem comes from the storage path)."""
     from ray.train import Checkpoint
 
+    from pipelines.ray_cluster import storage_location
     from pipelines.train_loop import CHECKPOINT_FILE
     from sagan.checkpoint import load_checkpoint
 
     ckpt = result.checkpoint
     if ckpt is None and (result.metrics or {}).get("checkpoint_path"):
-        ckpt = Checkpoint(path=result.metrics["checkpoint_path"])
+        _, filesystem = storage_location(spec.base.cluster.storage_path)
+        ckpt = Checkpoint(path=result.metrics["checkpoint_path"], filesystem=filesystem)
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
@@ -191,7 +196,7 @@ def finish_sweep(spec: Any, results: Any, uri: str, parent: str) -> dict[str, An
     sign = 1 if spec.mode == "min" else -1
     value, row, result = min(scored, key=lambda s: sign * s[0])
     summary.update(best_trial=row["trial_id"], best_value=value)
-    state = _checkpoint_state(result)
+    state = _checkpoint_state(spec, result)
     runs = client.search_runs(
         [client.get_run(parent).info.experiment_id],
         filter_string=f"tags.`sagan.trial_id` = '{row['trial_id']}' and "

@@ -228,7 +228,8 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
     if device.type == "cpu" and cfg.cluster.cpus_per_worker >= 1:
         torch.set_num_threads(int(cfg.cluster.cpus_per_worker))
     trainer = GANTrainer(cfg, device=device, rank=rank)
-    _say(f"[rank {rank}] started: {session.world_size} worker(s), {device}")
+    _say(f"[rank {rank}] started: {session.world_size} worker(s), {device}, node "
+         f"{session.node or '-'}, batch {t.batch_size // session.world_size} of {t.batch_size}")
 
     error = None
     try:
@@ -310,4 +311,19 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
                     session.report(values, checkpoint_dir=tmp)
             else:
                 session.report(values)
+    _say(f"[rank {rank}] finished step {trainer.step}: G/D/EMA sha256 {_weights_digest(trainer)}")
     return None
+
+
+def _weights_digest(trainer: GANTrainer) -> str:
+    """sha256 over G, D and the EMA copy (parameters and buffers): equal on every rank of a
+    healthy data-parallel run, so the last line of each rank shows it (and tests compare it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for net in (trainer.G_raw, trainer.D_raw, trainer.ema.module):
+        for name, value in net.state_dict().items():
+            h.update(name.encode())
+            h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+                     .tobytes())
+    return h.hexdigest()[:16]

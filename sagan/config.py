@@ -132,7 +132,7 @@ class Config:
     MOVED: ClassVar[dict[str, str]] = {
         f"train.{name}": f"cluster.{name}" for name in (
             "workers", "gpus_per_worker", "cpus_per_worker", "max_failures", "storage_path",
-            "run_name", "keep_checkpoints")}
+            "run_name", "keep_checkpoints", "placement")}
 
     def validate(self) -> None:
         """Raise ConfigError (naming the field) on the first invalid value."""

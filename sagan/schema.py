@@ -59,7 +59,15 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], name)
+        for tp_i in inner:  # e.g. `int | list[int]`: the first member that accepts the value
+            try:
+                return _coerce(value, tp_i, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config field '{name}': expected "
+                          f"{' or '.join(_type_name(a) for a in inner)}, got {_short(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list | tuple):

@@ -100,6 +100,11 @@ def test_local_paths_become_absolute_and_relative_ones_are_named(tmp_path: Path)
     assert out.eval.real_path == str(tmp_path / "data" / "fashion-mnist-32-test")
     assert [f for f, _ in relative] == ["data.path", "data.prepare_source", "eval.real_path",
                                         "eval.inception_weights"]
+    # a run that never evaluates reads no eval path: made absolute, not reported as relative
+    quiet, unread = localize_paths(load_run_config("configs/quickstart.yaml", [
+        "eval.eval_every=0", "data.path=s3://b/d", "cluster.storage_path=s3://b/r"]),
+        cwd=tmp_path)
+    assert unread == [] and quiet.eval.real_path == str(tmp_path / "data/fashion-mnist-32-test")
     assert absolute_tracking_uri("sqlite:///mlruns/m.db", tmp_path) == \
         f"sqlite:///{tmp_path}/mlruns/m.db"
     assert absolute_tracking_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"

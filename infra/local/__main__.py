@@ -28,6 +28,7 @@ def _config_from_args(args: argparse.Namespace) -> StackConfig:
         "s3_port": args.s3_port, "mlflow_port": args.mlflow_port,
         "ray_gcs_port": args.ray_port, "ray_dashboard_port": args.dashboard_port,
         "ray_num_cpus": args.num_cpus, "ray_object_store_mb": args.object_store_mb,
+        "ray_nodes": args.nodes, "ray_node_cpus": args.node_cpus,
         "bucket": args.bucket,
     }.items() if v is not None}
     return dataclasses.replace(base, **overrides)
@@ -42,6 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  infra/local/up && source .state/env\n"
                "  infra/local/up --free-ports --state-dir /tmp/mystack\n"
+               "  infra/local/up --nodes 2 --num-cpus 0 --node-cpus 2   # head + 2 worker nodes\n"
                "  python -m infra.local status --json\n"
                "  infra/local/down                # stop; S3 objects, MLflow DB and logs stay\n"
                "  infra/local/down --purge        # ... and delete them\n")
@@ -62,7 +64,13 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="when the stack is not running, pick free ports for everything "
                            "(incl. Ray's internal ports) instead of the defaults/recorded ones")
     up_p.add_argument("--num-cpus", type=int, help="logical CPUs Ray offers (default: cores)")
-    up_p.add_argument("--object-store-mb", type=int, help="Ray object store size (default 1024)")
+    up_p.add_argument("--object-store-mb", type=int,
+                      help="Ray object store size per node (default 1024)")
+    up_p.add_argument("--nodes", type=int, metavar="N",
+                      help="Ray worker nodes beside the head, each its own raylet on this "
+                           "machine (default 0; a multi-node cluster for elastic training)")
+    up_p.add_argument("--node-cpus", type=int,
+                      help="logical CPUs each worker node offers (default 1)")
     up_p.add_argument("--bucket", help="S3 bucket for data and MLflow artifacts (default sagan)")
     up_p.add_argument("--timeout", type=float, default=180.0,
                       help="seconds to wait for health (default 180)")
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             for service, s in report.items():
                 state = "healthy" if s["healthy"] else ("UNHEALTHY" if s["running"] else "down")
                 extra = "" if s["healthy"] else f"  ({s['detail']})"
-                print(f"{service:7} {state:9} pid={s['pid']}  {s['address']}{extra}")
+                print(f"{service:10} {state:9} pid={s['pid']}  {s['address']}{extra}")
         return 0 if all(s["healthy"] for s in report.values()) else 1
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -32,6 +32,8 @@ RAY_AUX_PORT_FLAGS = (
     "metrics-export-port",
     "runtime-env-agent-port",
 )
+HEAD_ONLY_PORT_FLAGS = ("ray-client-server-port",)
+NODE_WORKER_RANGE = ("min-worker-port", "max-worker-port")  # `ray start` flags, per node
 # Ray's autoscaler and dashboard serve Prometheus metrics on fixed ports (44217, 44227) that
 # no flag sets; these environment variables do. Kept in `ray_aux_ports` under these names.
 RAY_METRICS_PORT_ENV = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")
@@ -82,6 +84,9 @@ class StackConfig:
     ray_num_cpus: int | None = None  # None = detected cores
     ray_object_store_mb: int = 1024  # Ray's default (30% of RAM) is far more than we need
     ray_temp_dir: str | None = None  # None = /tmp/ray_sagan_<hash of state dir>
+    ray_nodes: int = 0  # Ray worker nodes beside the head (`up --nodes N`), each its own raylet
+    ray_node_cpus: int = 1  # logical CPUs each worker node offers
+    ray_node_ports: list[dict[str, int]] = field(default_factory=list)  # per node; [] = pick
     bucket: str = "sagan"
 
     def __post_init__(self) -> None:
@@ -129,8 +134,10 @@ class StackConfig:
 
     def all_ports(self) -> list[int]:
         """Every fixed port the stack listens on (the worker range excluded)."""
+        nodes = [p for ports in self.ray_node_ports for k, p in ports.items()
+                 if k not in NODE_WORKER_RANGE]
         return [self.s3_port, *self.s3_aux_ports.values(), self.mlflow_port, self.ray_gcs_port,
-                self.ray_dashboard_port, *self.ray_aux_ports.values()]
+                self.ray_dashboard_port, *self.ray_aux_ports.values(), *nodes]
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -206,6 +213,22 @@ def s3_aux_free_ports(avoid: Iterable[int] = ()) -> dict[str, int]:
             return {**dict(zip(plain, ports, strict=True)),
                     "admin.port": pair[0], "admin.port.grpc": pair[1]}
     raise StackError("no free pair of ports (p, p + 10000) for the S3 server's admin")
+
+
+def ray_node_free_ports(nodes: int, avoid: Iterable[int] = ()) -> list[dict[str, int]]:
+    """Per worker node: free ports for its raylet, object manager, agents and metrics (one
+    host runs them all, so none may use Ray's fixed defaults) and its own worker-port range."""
+    avoid = set(avoid)
+    flags = [f for f in RAY_AUX_PORT_FLAGS if f not in HEAD_ONLY_PORT_FLAGS]
+    ports = [p for p in free_ports(nodes * len(flags) + len(avoid)) if p not in avoid]
+    out: list[dict[str, int]] = []
+    for i in range(nodes):
+        node = dict(zip(flags, ports[i * len(flags):(i + 1) * len(flags)], strict=True))
+        lo, hi = free_port_range(50)
+        while any(lo <= n[NODE_WORKER_RANGE[1]] and n[NODE_WORKER_RANGE[0]] <= hi for n in out):
+            lo, hi = free_port_range(50)  # ranges of two nodes must not overlap
+        out.append({**node, NODE_WORKER_RANGE[0]: lo, NODE_WORKER_RANGE[1]: hi})
+    return out
 
 
 def free_port_range(size: int, lo: int = 20000, hi: int = 32000) -> tuple[int, int]:

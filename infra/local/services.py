@@ -26,6 +26,7 @@ from typing import Any
 from infra.local import s3 as s3_server
 from infra.local.config import (
     HOST,
+    NODE_WORKER_RANGE,
     RAY_METRICS_PORT_ENV,
     StackConfig,
     StackError,
@@ -333,6 +334,8 @@ class RayHead(Service):
         work. The token lives where Ray keeps it (~/.ray/auth_token, or RAY_AUTH_TOKEN[_PATH]);
         it is never printed.
         """
+        # written by `ray start` once its node is up: stale, it would pass the check below
+        (Path(str(cfg.ray_temp_dir)) / "ray_current_cluster").unlink(missing_ok=True)
         if os.environ.get("RAY_AUTH_TOKEN"):
             return
         path = _ray_token_path()
@@ -344,7 +347,11 @@ class RayHead(Service):
             raise StackError(f"could not create a Ray auth token: {res.stderr.strip()[-500:]}")
 
     def check(self, cfg: StackConfig) -> str | None:
-        """None when the dashboard answers /api/version and the job API lists jobs."""
+        """None when `ray start` has finished (it writes the GCS address last: the dashboard
+        answers earlier, and worker nodes need that address) and the dashboard answers
+        /api/version and the job API lists jobs."""
+        if not (Path(str(cfg.ray_temp_dir)) / "ray_current_cluster").is_file():
+            return "`ray start` has not finished (no GCS address written yet)"
         headers = ray_auth_headers()
         try:
             version = json.loads(_http_get(cfg.ray_address + "/api/version", headers))
@@ -354,12 +361,70 @@ class RayHead(Service):
         return None if "ray_version" in version else f"unexpected /api/version: {version}"
 
 
+class RayNode(Service):
+    """Worker node `index` (1-based): `ray start --address=<head GCS> --block`, its own raylet,
+    object store, agents and workers in one process group, so stopping (or killing) the group
+    is what losing a machine looks like to Ray. Ports are its own (`ray_node_ports`): several
+    nodes share one host."""
+
+    wave = 2  # after the head is healthy
+
+    def __init__(self, index: int):
+        self.index = index
+        self.name = f"ray-node-{index}"
+
+    def _ports(self, cfg: StackConfig) -> dict[str, int]:
+        return cfg.ray_node_ports[self.index - 1]
+
+    def ports(self, cfg: StackConfig) -> list[int]:
+        return [p for k, p in self._ports(cfg).items() if k not in NODE_WORKER_RANGE]
+
+    def address(self, cfg: StackConfig) -> str:
+        return f"raylet on port {self._ports(cfg)['node-manager-port']}"
+
+    def command(self, cfg: StackConfig) -> list[str]:
+        cmd = [tool("ray"), "start", "--address", gcs_address(cfg), "--block",
+               "--disable-usage-stats", "--num-cpus", str(cfg.ray_node_cpus),
+               "--object-store-memory", str(cfg.ray_object_store_mb * 1024 * 1024)]
+        for flag, port in self._ports(cfg).items():
+            cmd += [f"--{flag}", str(port)]
+        return cmd + ["--temp-dir", str(self.scratch_dirs(cfg)[0])]
+
+    def scratch_dirs(self, cfg: StackConfig) -> list[Path]:
+        """Its own temp dir (sockets, logs): in the head's, Ray numbers the sockets of nodes
+        (raylet.1, raylet.2, ...) and two nodes starting together race for one name."""
+        return [Path(f"{cfg.ray_temp_dir}_n{self.index}")]
+
+    def starting(self, cfg: StackConfig) -> str:
+        return (f"starting Ray worker node {self.index} ({cfg.ray_node_cpus} CPU, "
+                f"{self.address(cfg)}), joining {gcs_address(cfg)} ...")
+
+    def extra_env(self, cfg: StackConfig) -> dict[str, str]:
+        return {"RAY_AUTH_MODE": "token"}  # the head runs with token auth (RayHead)
+
+    def check(self, cfg: StackConfig) -> str | None:
+        """None when the head's GCS lists this node (by its raylet port) as alive."""
+        port = self._ports(cfg)["node-manager-port"]
+        try:
+            nodes = json.loads(_http_get(cfg.ray_address + "/nodes?view=summary",
+                                         ray_auth_headers()))["data"]["summary"]
+        except (OSError, urllib.error.URLError, ValueError, KeyError, TypeError) as exc:
+            return f"cannot list the cluster's nodes: {exc}"
+        # a node that was lost and restarted on the same port is listed twice: dead and alive
+        states = {n.get("raylet", {}).get("state") for n in nodes
+                  if n.get("raylet", {}).get("nodeManagerPort") == port}
+        if "ALIVE" in states:
+            return None
+        return f"node state {sorted(states)}" if states else "not registered with the head yet"
+
+
 # --------------------------------------------------------------------------------------------
 # the stack's services and their environment
 # --------------------------------------------------------------------------------------------
 def services_for(cfg: StackConfig) -> list[Service]:
     """The services of the stack `cfg` describes, in start order."""
-    return [S3(), MLflow(), RayHead()]
+    nodes = [RayNode(i) for i in range(1, len(cfg.ray_node_ports) + 1)]
+    return [S3(), MLflow(), RayHead(), *nodes]
 
 
 def stack_env(cfg: StackConfig) -> dict[str, str]:

@@ -33,6 +33,7 @@ from infra.local.config import (
     config_path,
     load_config,
     port_is_free,
+    ray_node_free_ports,
     resolve_state_dir,
     s3_aux_free_ports,
     save_config,
@@ -169,6 +170,10 @@ def _up_locked(cfg: StackConfig, timeout: float, quiet: bool) -> StackInfo:
             raise StackError(f"a stack with a different configuration is running from "
                              f"{cfg.state_dir}; run `down` first (or omit the port options "
                              "to reuse the running one)")
+    if len(cfg.ray_node_ports) != cfg.ray_nodes:  # worker nodes' ports: recorded, else free
+        kept = previous.ray_node_ports if previous is not None else []
+        cfg = dataclasses.replace(cfg, ray_node_ports=kept[:cfg.ray_nodes] + ray_node_free_ports(
+            max(0, cfg.ray_nodes - len(kept)), cfg.all_ports()))
     save_config(cfg)
 
     services = services_for(cfg)
