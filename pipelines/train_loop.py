@@ -177,20 +177,37 @@ def _publish(cfg: PipelineConfig, G: torch.nn.Module | None, logger: Any, device
         logger.log_metrics(values, step)
 
 
+def _node_of(session: Session) -> tuple[bool, int, bool]:
+    """(first rank on its node, index of its node, the ranks span several nodes), from the Ray
+    node ids of all ranks (one all-gather). Not Ray Train's local/node ranks: those group
+    workers by IP address, which makes the raylets of one host (`up --nodes N`) one node."""
+    import torch.distributed as dist
+
+    if session.world_size == 1 or not dist.is_initialized():
+        return True, 0, False
+    ids: list[Any] = [None] * session.world_size
+    dist.all_gather_object(ids, session.node)
+    nodes = list(dict.fromkeys(ids))  # in rank order
+    return ids.index(session.node) == session.rank, nodes.index(session.node), len(nodes) > 1
+
+
 @contextlib.contextmanager
 def _system_metrics(session: Session, cfg: PipelineConfig, tracking_uri: str | None,
                     run_id: str | None) -> Iterator[None]:
     """MLflow's system-metrics monitor in the first worker of each node, while training runs;
-    a node id per node when the workers span several."""
+    a node id per node (`system/node<k>/...`) when the workers span several."""
     every = cfg.tracking.system_metrics_every
-    if not (tracking_uri and run_id and every > 0 and session.local_rank == 0):
+    if not (tracking_uri and run_id and every > 0):  # the same on every rank
+        yield
+        return
+    first, index, several = _node_of(session)  # a collective: every rank gets here
+    if not first:
         yield
         return
     from pipelines.tracking import system_metrics
 
-    several = session.world_size > session.local_world_size
     monitor = system_metrics(tracking_uri, run_id, every,
-                             node_id=f"node{session.node_rank}" if several else None)
+                             node_id=f"node{index}" if several else None)
     try:
         yield
     finally:

@@ -144,13 +144,15 @@ def loss_steps(info: StackInfo, name: str) -> list[int]:
 def test_two_workers_on_two_nodes_stay_identical_and_register(cluster):
     """2 workers with strict_spread land on the 2 worker nodes (different node ids), train
     over gloo between the nodes, end with bit-identical G, D and EMA (sha256 of every
-    parameter and buffer, printed by each rank) and register the EMA generator."""
+    parameter and buffer, printed by each rank), register the EMA generator and log system
+    metrics per node."""
     from mlflow.tracking import MlflowClient
 
     driver = start_driver(cluster, args(cluster, "two-nodes", "cluster.workers=2",
                                         "cluster.placement=strict_spread", "train.steps=6",
                                         "train.ckpt_every=3", "train.log_every=1",
-                                        "tracking.registered_model=mn-gen"))
+                                        "tracking.registered_model=mn-gen",
+                                        "tracking.system_metrics_every=0.5"))
     assert driver.wait(400) == 0, driver.text[-4000:]
     out = driver.text
     (group,) = groups(out)
@@ -159,8 +161,13 @@ def test_two_workers_on_two_nodes_stay_identical_and_register(cluster):
     digests = {int(r): d for r, s, d in FINISHED.findall(out) if int(s) == 6}
     assert sorted(digests) == [0, 1] and digests[0] == digests[1], out[-3000:]
     assert "done: step 6/6" in out
-    version = MlflowClient(cluster.mlflow_uri).get_model_version_by_alias("mn-gen", "latest")
+    client = MlflowClient(cluster.mlflow_uri)
+    version = client.get_model_version_by_alias("mn-gen", "latest")
     assert version.version == "1"
+    # MLflow's system metrics, one node id per Ray node (the first worker of each logs)
+    keys = client.get_run(version.run_id).data.metrics
+    for node in ("node0", "node1"):
+        assert f"system/{node}/cpu_utilization_percentage" in keys, sorted(keys)
 
 
 @pytest.mark.slow
