@@ -60,7 +60,7 @@ def localize_paths(cfg: PipelineConfig, cwd: Path | None = None
     cwd = Path(cwd or Path.cwd()).resolve()
     out = copy.deepcopy(cfg)
     relative: list[tuple[str, str]] = []
-    unused = "eval." if cfg.eval.eval_every <= 0 else None
+    evaluates = cfg.eval.eval_every > 0
     for dotted in LOCAL_PATH_FIELDS:
         section, name = dotted.split(".")
         value = getattr(getattr(out, section), name)
@@ -69,7 +69,7 @@ def localize_paths(cfg: PipelineConfig, cwd: Path | None = None
         fix = _source_absolute if name == "prepare_source" else _absolute
         new, was_relative = fix(str(value), cwd)
         setattr(getattr(out, section), name, new)
-        if was_relative and not (unused and dotted.startswith(unused)):
+        if was_relative and (evaluates or section != "eval"):
             relative.append((dotted, str(value)))
     return out, relative
 

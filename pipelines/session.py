@@ -23,10 +23,7 @@ class Session:
     _report: Callable[..., None]
     _get_checkpoint: Callable[[], Any]
     _checkpoint_cls: Any
-    local_rank: int = 0  # rank on this node
-    node_rank: int = 0
-    local_world_size: int = 1  # < world_size: the workers span several nodes
-    node: str = ""  # the Ray node id this worker runs on (progress lines, multi-node tests)
+    node: str = ""  # the Ray node id this worker runs on (progress lines, per-node metrics)
 
     @classmethod
     def for_ray_train(cls) -> Session:
@@ -37,8 +34,7 @@ class Session:
         ctx = ray.train.get_context()
         return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
                    ray.train.report, ray.train.get_checkpoint, ray.train.Checkpoint,
-                   ctx.get_local_rank(), ctx.get_node_rank(), ctx.get_local_world_size(),
-                   ray.get_runtime_context().get_node_id())
+                   node=ray.get_runtime_context().get_node_id())
 
     @classmethod
     def for_tune_trial(cls) -> Session:
