@@ -21,7 +21,7 @@ import pytest
 from infra.local.config import StackConfig, StackError
 from infra.local.processes import read_pid_records
 from infra.local.stack import StackInfo, down, up
-from tests.fixtures.stack import JOB_TINY, start_driver
+from tests.fixtures.stack import JOB_TINY, start_driver, sweep_runs
 
 STARTED = re.compile(r"pid=(\d+)\).*\[rank (\d+)\] started: (\d+) worker\(s\), \w+, node (\w+)")
 FINISHED = re.compile(r"\[rank (\d+)\] finished step (\d+): G/D/EMA sha256 (\w+)")
@@ -288,11 +288,7 @@ def test_sweep_two_trials_of_two_workers(cluster, inception_weights, tmp_path):
         assert df["fid"].notna().sum() >= 1 and set(df["step"].astype(int)) <= {2, 4}
 
     client = MlflowClient(cluster.mlflow_uri)
-    exp = client.get_experiment_by_name("mn-sweep")
-    (parent,) = client.search_runs([exp.experiment_id],
-                                   filter_string="tags.`sagan.sweep_parent` = 'mn-sweep'")
-    children = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    _, children = sweep_runs(cluster, "mn-sweep", experiment="mn-sweep")
     assert {c.data.tags["sagan.trial_id"] for c in children} == set(trials)
     best_tid = min(trials, key=lambda tid: trials[tid].last_result["fid"])
     best = client.get_model_version_by_alias("mn-sweep-gen", "sweep-best")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipelines.sweep import SweepError, parse_sweep
-from tests.fixtures.stack import ROOT, stop_job, submit_job, submitted_job_id
+from tests.fixtures.stack import ROOT, stop_job, submit_job, submitted_job_id, sweep_runs
 
 # --------------------------------------------------------------------------- parser
 
@@ -127,11 +127,7 @@ def test_sweep_asha_mlflow_and_resume(local_stack, fashion_shards, inception_wei
     assert min(steps.values()) < 30  # ASHA stopped at least one trial early (reduction 2)
 
     client = MlflowClient(local_stack.mlflow_uri)
-    exp = client.get_experiment_by_name("sweep-test")
-    (parent,) = client.search_runs([exp.experiment_id],
-                                   filter_string="tags.`sagan.sweep_parent` = 't-sweep'")
-    children = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    parent, children = sweep_runs(local_stack, "t-sweep", experiment="sweep-test")
     assert len(children) == 4  # one nested run per trial, none duplicated by the resume
     by_trial = {c.data.tags["sagan.trial_id"]: c for c in children}
     assert set(by_trial) == set(tune_trials)
