@@ -87,8 +87,13 @@ class TrainConfig:
     beta2: float = 0.999
     ndis: int = 1
     loss: str = "hinge"
+    # fraction of `steps` at the end over which lr_g and lr_d decay linearly to 0 (0 = constant)
+    lr_decay: float = 0.0
     ema_decay: float = 0.9999
     ema_start: int = 1000
+    # BN statistics of the EMA generator, measured on this many of its own samples whenever it
+    # is used or saved (BigGAN's standing stats); 0 = the raw G's running statistics.
+    ema_standing_samples: int = 2000
     amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     channels_last: bool = True  # measured 1.2-1.4x on CPU (docs/PERFORMANCE.md)
@@ -261,12 +266,14 @@ def _validate(cfg: Config) -> None:
     require(0 <= t.beta1 < 1, "train.beta1", f"must be in [0, 1), got {t.beta1}")
     require(0 <= t.beta2 < 1, "train.beta2", f"must be in [0, 1), got {t.beta2}")
     require(t.ndis >= 1, "train.ndis", f"must be >= 1, got {t.ndis}")
+    require(0 <= t.lr_decay <= 1, "train.lr_decay", f"must be in [0, 1], got {t.lr_decay}")
     for policy in t.diffaugment:
         require(policy in DIFFAUGMENT_POLICIES, "train.diffaugment",
                 f"unknown policy {policy!r}; choose from {list(DIFFAUGMENT_POLICIES)}")
     require(t.loss in ("hinge", "ns"), "train.loss", f"must be 'hinge' or 'ns', got {t.loss!r}")
     require(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
     require(t.ema_start >= 0, "train.ema_start", "must be >= 0")
+    require(t.ema_standing_samples >= 0, "train.ema_standing_samples", "must be >= 0 (0 = off)")
     require(t.amp in ("auto", "bf16", "none"), "train.amp",
              f"must be 'auto', 'bf16' or 'none', got {t.amp!r}")
     for name in ("log_every", "ckpt_every", "sample_every"):

@@ -123,6 +123,33 @@ class Generator(nn.Module):
              if self.num_classes > 0 else None)
         return z, y
 
+    @torch.no_grad()
+    def standing_statistics(self, num_samples: int, batch_size: int = 100, seed: int = 0) -> None:
+        """Replace every BN's running statistics by their average over `num_samples` fresh
+        samples of *this* generator (BigGAN's "standing stats"), then leave it in eval mode.
+
+        Why: the EMA generator is an average of weights, but the running statistics it would
+        otherwise use were collected by the raw G, whose activations differ; on the quickstart
+        the mismatch cost ~5 FID (docs/RESULTS.md). Seeded, so every rank gets the same numbers.
+        Only the BN layers run in training mode: spectral norm's u/v are not iterated."""
+        self.eval()
+        bns = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+            m.train()
+        rng = torch.Generator().manual_seed(seed)
+        device = next(self.parameters()).device
+        try:
+            for start in range(0, num_samples, batch_size):
+                z, y = self.sample_inputs(min(batch_size, num_samples - start), rng)
+                self(z.to(device), None if y is None else y.to(device))
+        finally:
+            for m, momentum in zip(bns, momenta, strict=True):
+                m.momentum = momentum
+            self.eval()
+
 
 class Discriminator(nn.Module):
     """x (B, channels, S, S), y (B,) or None -> logits (B,), with the projection term."""

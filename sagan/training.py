@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sagan.config import Config
@@ -87,6 +88,9 @@ class GANTrainer:
         betas = (self.t.beta1, self.t.beta2)
         self.opt_g = _adam(G.parameters(), self.t.lr_g, betas, self.device)
         self.opt_d = _adam(D.parameters(), self.t.lr_d, betas, self.device)
+        # both learning rates decay linearly to 0 over the last `lr_decay` of the run; the
+        # schedulers count train steps and are checkpointed with the optimizers
+        self.schedulers = [LambdaLR(opt, self._lr_factor) for opt in (self.opt_g, self.opt_d)]
         # device-side skip of non-finite updates needs fused Adam's found_inf; else sync per loss
         self._deferred_check = all(opt.defaults.get("fused") for opt in (self.opt_g, self.opt_d))
         if self.distributed:
@@ -265,7 +269,20 @@ class GANTrainer:
         for name, layer in self._attn.items():
             metrics[f"gamma/{name}"] = layer.gamma.detach()[0]
         self.step += 1
+        for scheduler in self.schedulers:
+            scheduler.step()
         return metrics
+
+    def _lr_factor(self, step: int) -> float:
+        """1 until the last `train.lr_decay` fraction of `train.steps`, then linearly to 0.
+
+        Why: at the quickstart's high constant rate FID stops improving while G still jitters
+        from step to step; annealing the rate over the second half was worth ~5 FID there
+        (docs/RESULTS.md). 0 keeps the paper's constant rates."""
+        start = self.t.steps * (1.0 - self.t.lr_decay)
+        if self.t.lr_decay <= 0 or step < start:
+            return 1.0
+        return max(0.0, (self.t.steps - step) / (self.t.steps - start))
 
     # ------------------------------------------------------------------ torch.compile
     def _compiled(self, *modules: nn.Module) -> tuple[nn.Module, ...]:
@@ -318,11 +335,26 @@ class GANTrainer:
         """An eval-mode copy of the EMA generator for sampling/evaluation/export.
 
         Its spectral-norm vectors are refreshed by extra power iterations on the *EMA* weights
-        (the copied u/v were estimated for G's current weights, not the average's)."""
+        (the copied u/v were estimated for G's current weights, not the average's), and its BN
+        statistics are standing statistics of the EMA weights (`train.ema_standing_samples`)."""
         G = copy.deepcopy(self.ema.module)
         set_channels_last(G, False)
         refresh_spectral_norm(G, power_iterations)
+        if self.t.ema_standing_samples:
+            G.standing_statistics(self.t.ema_standing_samples, seed=self.t.seed)
         return G.eval()
+
+    def _ema_state(self) -> dict:
+        """The EMA's state dict with the BN statistics `ema_generator` samples with, so that a
+        generator loaded from a checkpoint (`sagan.checkpoint.load_generator`, the registry)
+        draws exactly what was evaluated. The live EMA keeps tracking G's buffers."""
+        state = self.ema.state_dict()
+        if self.t.ema_standing_samples:
+            G = self.ema_generator()
+            for name, buf in G.named_buffers():
+                if name.endswith(_BN_STATS):
+                    state[f"module.{name}"] = buf.detach().clone()
+        return state
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -334,9 +366,10 @@ class GANTrainer:
             "skipped_steps": self.skipped_steps,
             "G": self.G_raw.state_dict(),
             "D": self.D_raw.state_dict(),
-            "G_ema": self.ema.state_dict(),
+            "G_ema": self._ema_state(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
+            "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
             "rng": rng,
         }
 
@@ -346,6 +379,8 @@ class GANTrainer:
         self.ema.load_state_dict(state["G_ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         rng = state["rng"]

@@ -95,6 +95,28 @@ def test_checkpoint_roundtrip_resumes_bit_identically(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temp file
 
 
+def test_lr_decays_linearly_to_zero_and_resumes_from_a_checkpoint(tmp_path):
+    cfg = load_config(None, TINY + ["train.steps=8", "train.lr_decay=0.5", "train.lr_g=4e-4",
+                                    "train.lr_d=8e-4"])
+    a = GANTrainer(cfg)
+    lrs = []
+    for i in range(8):
+        lrs.append((a.opt_g.param_groups[0]["lr"], a.opt_d.param_groups[0]["lr"]))
+        a.train_step(repeat(tiny_batch(i)))
+        if i == 5:
+            path = save_checkpoint(tmp_path / "c.pt", a)
+    # constant for the first half, then 4/4, 3/4, 2/4, 1/4 of the rate, and 0 at the end
+    expect = [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert [g for g, _ in lrs] == pytest.approx([4e-4 * k for k in expect])
+    assert [d for _, d in lrs] == pytest.approx([8e-4 * k for k in expect])
+    assert a.opt_g.param_groups[0]["lr"] == 0.0
+    b = GANTrainer(cfg)
+    restore_trainer(b, load_checkpoint(path))
+    assert b.opt_g.param_groups[0]["lr"] == pytest.approx(4e-4 * 0.5)
+    b.train_step(repeat(tiny_batch(6)))
+    assert b.opt_d.param_groups[0]["lr"] == pytest.approx(8e-4 * 0.25)
+
+
 def test_load_generator_from_checkpoint(tmp_path):
     a = GANTrainer(load_config(None, TINY))
     a.train_step(repeat(tiny_batch()))
@@ -103,6 +125,50 @@ def test_load_generator_from_checkpoint(tmp_path):
     assert cfg.model.num_classes == 3 and not G.training
     z, y = G.sample_inputs(4)
     assert G(z, y).shape == (4, 1, 32, 32)
+
+
+def _bn_buffers(G):
+    return {n: b.clone() for n, b in G.named_buffers() if "running_" in n}
+
+
+def test_ema_generator_uses_standing_statistics_of_its_own_samples():
+    trainer = GANTrainer(load_config(None, TINY + ["train.ema_standing_samples=64"]))
+    data = repeat(tiny_batch())
+    for _ in range(4):
+        trainer.train_step(data)
+    G = trainer.ema_generator()
+    sn_before = {n: b.clone() for n, b in G.named_buffers() if n.endswith(("_u", "_v"))}
+    # measured directly: the mean of the first BN's input over the same 64 seeded samples
+    seen = []
+    hook = G.blocks[0].bn1.bn.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    G.standing_statistics(64, batch_size=100, seed=trainer.t.seed)
+    hook.remove()
+    assert not G.training
+    mean = torch.cat(seen).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(G.blocks[0].bn1.bn.running_mean, mean, rtol=1e-5, atol=1e-6)
+    raw = _bn_buffers(trainer.ema.module)  # the live EMA still carries G's running stats
+    standing = _bn_buffers(G)
+    assert any(not torch.allclose(raw[n], standing[n]) for n in raw)
+    assert all(torch.equal(b, sn_before[n]) for n, b in G.named_buffers() if n in sn_before)
+    # seeded: a second EMA generator is identical, so every rank evaluates the same network
+    again = _bn_buffers(trainer.ema_generator())
+    assert all(torch.equal(again[n], standing[n]) for n in standing)
+
+
+def test_checkpointed_generator_samples_what_was_evaluated(tmp_path):
+    trainer = GANTrainer(load_config(None, TINY + ["train.ema_standing_samples=64"]))
+    for i in range(3):
+        trainer.train_step(repeat(tiny_batch(i)))
+    G_live = trainer.ema_generator()
+    save_checkpoint(tmp_path / "c.pt", trainer)
+    G_loaded, _ = load_generator(tmp_path / "c.pt")
+    z, y = G_live.sample_inputs(6, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(G_loaded(z, y), G_live(z, y))
+    # switched off: the EMA generator keeps the raw G's running statistics
+    off = GANTrainer(load_config(None, TINY + ["train.ema_standing_samples=0"]))
+    off.train_step(repeat(tiny_batch()))
+    raw, G_off = _bn_buffers(off.G_raw), _bn_buffers(off.ema_generator())
+    assert all(torch.equal(raw[n], G_off[n]) for n in raw)
 
 
 def test_tampered_checkpoint_gives_clear_error(tmp_path):
