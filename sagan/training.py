@@ -106,6 +106,7 @@ class GANTrainer:
         self.noise.manual_seed(self.t.seed * 1_000_003 + 7919 * (rank + 1))
         self.step = 0
         self.skipped_steps = 0
+        self._ema_cache: tuple[int, Generator] | None = None  # (step, ema_generator())
         self._d_trainable = [p for p in self.D_raw.parameters() if p.requires_grad]
         self._attn = attention_layers(self.G_raw, self.D_raw)
         self._flags: list[tuple[str, torch.Tensor]] | None = None  # pending finiteness flags
@@ -336,13 +337,17 @@ class GANTrainer:
 
         Its spectral-norm vectors are refreshed by extra power iterations on the *EMA* weights
         (the copied u/v were estimated for G's current weights, not the average's), and its BN
-        statistics are standing statistics of the EMA weights (`train.ema_standing_samples`)."""
+        statistics are standing statistics of the EMA weights (`train.ema_standing_samples`).
+        Built once per step (evaluation, sample grid and checkpoint share it): do not modify."""
+        if self._ema_cache is not None and self._ema_cache[0] == self.step:
+            return self._ema_cache[1]
         G = copy.deepcopy(self.ema.module)
         set_channels_last(G, False)
         refresh_spectral_norm(G, power_iterations)
         if self.t.ema_standing_samples:
             G.standing_statistics(self.t.ema_standing_samples, seed=self.t.seed)
-        return G.eval()
+        self._ema_cache = (self.step, G.eval())
+        return G
 
     def _ema_state(self) -> dict:
         """The EMA's state dict with the BN statistics `ema_generator` samples with, so that a
@@ -377,6 +382,7 @@ class GANTrainer:
         self.G_raw.load_state_dict(state["G"])
         self.D_raw.load_state_dict(state["D"])
         self.ema.load_state_dict(state["G_ema"])
+        self._ema_cache = None
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):

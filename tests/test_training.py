@@ -137,6 +137,7 @@ def test_ema_generator_uses_standing_statistics_of_its_own_samples():
     for _ in range(4):
         trainer.train_step(data)
     G = trainer.ema_generator()
+    first = _bn_buffers(G)
     sn_before = {n: b.clone() for n, b in G.named_buffers() if n.endswith(("_u", "_v"))}
     # measured directly: the mean of the first BN's input over the same 64 seeded samples
     seen = []
@@ -150,9 +151,11 @@ def test_ema_generator_uses_standing_statistics_of_its_own_samples():
     standing = _bn_buffers(G)
     assert any(not torch.allclose(raw[n], standing[n]) for n in raw)
     assert all(torch.equal(b, sn_before[n]) for n, b in G.named_buffers() if n in sn_before)
-    # seeded: a second EMA generator is identical, so every rank evaluates the same network
-    again = _bn_buffers(trainer.ema_generator())
-    assert all(torch.equal(again[n], standing[n]) for n in standing)
+    # seeded: measuring again gives the same numbers, so every rank evaluates the same network
+    assert all(torch.equal(first[n], standing[n]) for n in standing)
+    assert trainer.ema_generator() is G  # built once per step
+    trainer.train_step(data)
+    assert trainer.ema_generator() is not G
 
 
 def test_checkpointed_generator_samples_what_was_evaluated(tmp_path):
