@@ -355,10 +355,13 @@ class GANTrainer:
         draws exactly what was evaluated. The live EMA keeps tracking G's buffers."""
         state = self.ema.state_dict()
         if self.t.ema_standing_samples:
-            G = self.ema_generator()
-            for name, buf in G.named_buffers():
-                if name.endswith(_BN_STATS):
-                    state[f"module.{name}"] = buf.detach().clone()
+            stats = {f"module.{name}": buf.detach().clone()
+                     for name, buf in self.ema_generator().named_buffers()
+                     if name.endswith(_BN_STATS)}
+            # a diverged G (weights that overflow when run) measures inf/NaN statistics: keep
+            # the finite running ones then, so the last checkpoint before a NaN stays clean
+            if all(torch.isfinite(v).all() for v in stats.values()):
+                state.update(stats)
         return state
 
     # ------------------------------------------------------------------ state
