@@ -388,8 +388,17 @@ class GANTrainer:
         self._ema_cache = None
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        for scheduler, saved in zip(self.schedulers, state["schedulers"], strict=True):
-            scheduler.load_state_dict(saved)
+        saved = state.get("schedulers")
+        if saved is None:  # a checkpoint from before train.lr_decay: the step sets the rate
+            step = int(state["step"])
+            saved = [{**s.state_dict(), "last_epoch": step,
+                      "_last_lr": [lr * self._lr_factor(step) for lr in s.base_lrs]}
+                     for s in self.schedulers]
+        for scheduler, sched_state, opt in zip(self.schedulers, saved,
+                                               (self.opt_g, self.opt_d), strict=True):
+            scheduler.load_state_dict(sched_state)
+            for group, lr in zip(opt.param_groups, scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         rng = state["rng"]

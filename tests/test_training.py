@@ -115,6 +115,14 @@ def test_lr_decays_linearly_to_zero_and_resumes_from_a_checkpoint(tmp_path):
     assert b.opt_g.param_groups[0]["lr"] == pytest.approx(4e-4 * 0.5)
     b.train_step(repeat(tiny_batch(6)))
     assert b.opt_d.param_groups[0]["lr"] == pytest.approx(8e-4 * 0.25)
+    # a checkpoint written before the schedule existed resumes on it from its step
+    old = load_checkpoint(path)
+    del old["schedulers"]
+    c = GANTrainer(cfg)
+    restore_trainer(c, old)
+    assert c.opt_g.param_groups[0]["lr"] == pytest.approx(4e-4 * 0.5)
+    c.train_step(repeat(tiny_batch(6)))
+    assert c.opt_d.param_groups[0]["lr"] == pytest.approx(8e-4 * 0.25)
 
 
 def test_load_generator_from_checkpoint(tmp_path):
