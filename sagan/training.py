@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from sagan.config import Config
 from sagan.diffaugment import diff_augment
 from sagan.layers import refresh_spectral_norm, set_channels_last, set_fused_resampling
 from sagan.losses import get_losses
+from sagan.lr_schedule import make_schedulers, restore_schedulers
 from sagan.models import Discriminator, Generator, attention_layers
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
@@ -88,9 +88,9 @@ class GANTrainer:
         betas = (self.t.beta1, self.t.beta2)
         self.opt_g = _adam(G.parameters(), self.t.lr_g, betas, self.device)
         self.opt_d = _adam(D.parameters(), self.t.lr_d, betas, self.device)
-        # both learning rates decay linearly to 0 over the last `lr_decay` of the run; the
-        # schedulers count train steps and are checkpointed with the optimizers
-        self.schedulers = [LambdaLR(opt, self._lr_factor) for opt in (self.opt_g, self.opt_d)]
+        # constant rates, or linear decay to 0 over the last `lr_decay` (sagan/lr_schedule.py)
+        self.schedulers = make_schedulers([self.opt_g, self.opt_d], self.t.steps,
+                                          self.t.lr_decay)
         # device-side skip of non-finite updates needs fused Adam's found_inf; else sync per loss
         self._deferred_check = all(opt.defaults.get("fused") for opt in (self.opt_g, self.opt_d))
         if self.distributed:
@@ -274,17 +274,6 @@ class GANTrainer:
             scheduler.step()
         return metrics
 
-    def _lr_factor(self, step: int) -> float:
-        """1 until the last `train.lr_decay` fraction of `train.steps`, then linearly to 0.
-
-        Why: at the quickstart's high constant rate FID stops improving while G still jitters
-        from step to step; annealing the rate over the second half was worth ~5 FID there
-        (docs/RESULTS.md). 0 keeps the paper's constant rates."""
-        start = self.t.steps * (1.0 - self.t.lr_decay)
-        if self.t.lr_decay <= 0 or step < start:
-            return 1.0
-        return max(0.0, (self.t.steps - step) / (self.t.steps - start))
-
     # ------------------------------------------------------------------ torch.compile
     def _compiled(self, *modules: nn.Module) -> tuple[nn.Module, ...]:
         """(G, D, G for sampling, D for the G step), each through torch.compile when
@@ -388,17 +377,8 @@ class GANTrainer:
         self._ema_cache = None
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        saved = state.get("schedulers")
-        if saved is None:  # a checkpoint from before train.lr_decay: the step sets the rate
-            step = int(state["step"])
-            saved = [{**s.state_dict(), "last_epoch": step,
-                      "_last_lr": [lr * self._lr_factor(step) for lr in s.base_lrs]}
-                     for s in self.schedulers]
-        for scheduler, sched_state, opt in zip(self.schedulers, saved,
-                                               (self.opt_g, self.opt_d), strict=True):
-            scheduler.load_state_dict(sched_state)
-            for group, lr in zip(opt.param_groups, scheduler.get_last_lr(), strict=True):
-                group["lr"] = lr
+        # absent in checkpoints from before train.lr_decay: the step sets the rate
+        restore_schedulers(self.schedulers, state.get("schedulers"), int(state["step"]))
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         rng = state["rng"]
