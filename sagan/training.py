@@ -43,6 +43,27 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 matmuls/convs in hardware: CUDA, or a CPU with AVX-512 BF16 or
+    AMX. Elsewhere oneDNN emulates bf16, which is slower than fp32, so `train.amp=bf16_native`
+    stays fp32 there."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)()
+               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def uses_bf16(amp: str, device: torch.device) -> bool:
+    """`train.amp` on `device`: auto = bf16 on CUDA only; bf16_native = bf16 where the hardware
+    has it (native_bf16); bf16 = always; none = never."""
+    if amp == "bf16_native":
+        return native_bf16(device)
+    return amp == "bf16" or (amp == "auto" and device.type == "cuda")
+
+
 def _adam(params, lr: float, betas: tuple[float, float],
           device: torch.device) -> torch.optim.Adam:
     """Adam with the fused kernel where torch has one for this device (CUDA, CPU), else foreach.
@@ -110,8 +131,7 @@ class GANTrainer:
         self._d_trainable = [p for p in self.D_raw.parameters() if p.requires_grad]
         self._attn = attention_layers(self.G_raw, self.D_raw)
         self._flags: list[tuple[str, torch.Tensor]] | None = None  # pending finiteness flags
-        amp = self.t.amp
-        self.amp = amp == "bf16" or (amp == "auto" and self.device.type == "cuda")
+        self.amp = uses_bf16(self.t.amp, self.device)
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):

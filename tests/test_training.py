@@ -235,3 +235,30 @@ def test_nan_loss_stops_naming_the_step_or_is_skipped():
     skipper = GANTrainer(load_config(None, TINY + ["train.nan_policy=skip"]))
     skipper.train_step(repeat((x_bad, y)))
     assert skipper.skipped_steps == 1 and skipper.step == 1
+
+
+def _cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.parametrize("amp", ["auto", "bf16_native", "bf16", "none"])
+def test_amp_modes_on_cpu_follow_the_hardware(amp):
+    """bf16_native runs bf16 exactly where the CPU has it (cpuinfo, read independently of torch);
+    the others do what they say regardless of the CPU. D's convolutions run in the mode's dtype,
+    and the step trains."""
+    native = bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    expected = {"auto": False, "bf16_native": native, "bf16": True, "none": False}[amp]
+    trainer = GANTrainer(load_config(None, TINY + [f"train.amp={amp}"]))
+    assert trainer.amp is expected
+    x, y = tiny_batch()
+    conv = next(m for m in trainer.D_raw.modules() if isinstance(m, torch.nn.Conv2d))
+    dtypes = []
+    conv.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    with trainer.autocast():
+        trainer.D_raw(x, y)
+    assert dtypes == [torch.bfloat16 if expected else torch.float32]
+    m = to_floats(trainer.train_step(repeat((x, y))))
+    assert all(v == v and abs(v) < 1e3 for v in m.values())

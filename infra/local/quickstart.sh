@@ -13,6 +13,8 @@
 #
 # Arguments are passed to pipelines/train.py after the config (KEY=VALUE overrides or flags
 # such as --workers 1). Environment knobs:
+#   SAGAN_CONFIG            run config (default configs/quickstart.yaml); any config that trains
+#                           on the Fashion-MNIST shards, e.g. configs/quality32.yaml (longer run)
 #   SAGAN_STATE_DIR         stack state dir (default <repo>/.state)
 #   SAGAN_UP_ARGS           extra options for `infra/local/up`, e.g. "--free-ports"
 #   SAGAN_QUICKSTART_LIMIT  prepare only this many images (a seeded subset; default: all 60000)
@@ -24,7 +26,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
-CONFIG="configs/quickstart.yaml"
+CONFIG="${SAGAN_CONFIG:-configs/quickstart.yaml}"
+[ -f "$CONFIG" ] || { printf 'error: SAGAN_CONFIG: no such file %s\n' "$CONFIG" >&2; exit 2; }
 DATASET_PREFIX="fashion-mnist-32"
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
@@ -106,7 +109,7 @@ echo "(Ctrl-C stops following the logs, not the job: 'ray job stop <id>' stops i
 # The upload carries no .git: the commit (and a dirty flag) of this checkout travel in the
 # job's environment, so MLflow records the code version the run was submitted from.
 EXCLUDES='{"excludes": ["/.git/", "/.venv/", "/.state/", "/data/", "/runs/", "/mlruns/", "/bench/results/"]}'
-SUBMISSION_ID="quickstart-$(date +%Y%m%d-%H%M%S)"
+SUBMISSION_ID="$(basename "$CONFIG" .yaml)-$(date +%Y%m%d-%H%M%S)"
 if ! ray job submit --address "$RAY_API_SERVER_ADDRESS" --submission-id "$SUBMISSION_ID" \
     --working-dir . --runtime-env-json "$(python -m pipelines.lineage --runtime-env "$EXCLUDES")" \
     -- python pipelines/train.py --config "$CONFIG" "data.path=$DATA" \
