@@ -291,6 +291,18 @@ def test_quickstart_trains_and_registers_a_model(local_stack, standard_inception
     assert any((tmp_path / "runs").rglob("*")), "no checkpoint written to train.storage_path"
 
 
+def test_quickstart_names_a_missing_config_and_starts_nothing(tmp_path: Path) -> None:
+    """SAGAN_CONFIG picks another preset; a wrong path stops at once with one line naming the
+    knob and the file, before any virtualenv, stack or job."""
+    env = _clean_env() | {"SAGAN_CONFIG": "configs/nope.yaml", "SAGAN_SKIP_SETUP": "1",
+                          "SAGAN_STATE_DIR": str(tmp_path / "state")}
+    res = subprocess.run(["bash", str(ROOT / "infra" / "local" / "quickstart.sh")],
+                         capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: SAGAN_CONFIG: no such file configs/nope.yaml"
+    assert res.stdout == "" and not (tmp_path / "state").exists()
+
+
 def test_shell_scripts_parse_and_are_executable() -> None:
     for name in ("up", "down", "quickstart.sh"):
         path = ROOT / "infra" / "local" / name
