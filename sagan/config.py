@@ -30,7 +30,7 @@ from sagan.schema import require as require
 
 IMAGE_SIZES = (32, 64, 128)
 CBN_FORMS = ("sn", "plain")
-AMP_MODES = ("auto", "bf16_native", "bf16", "none")  # sagan/training.py uses_bf16
+AMP_MODES = ("auto", "bf16_native", "bf16", "none")  # sagan/precision.py uses_bf16
 DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # sagan/diffaugment.py
 MIN_ATTENTION_RES = 8  # below 8x8 the 2x2-pooled keys leave too few positions to attend over
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from sagan.layers import refresh_spectral_norm, set_channels_last, set_fused_res
 from sagan.losses import get_losses
 from sagan.lr_schedule import make_schedulers, restore_schedulers
 from sagan.models import Discriminator, Generator, attention_layers
+from sagan.precision import bf16_autocast, uses_bf16
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 # BatchNorm buffers that a forward pass updates: averaged over ranks (mean, var) after each G
@@ -41,27 +41,6 @@ class NonFiniteLossError(RuntimeError):
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` runs bf16 matmuls/convs in hardware: CUDA, or a CPU with AVX-512 BF16 or
-    AMX. Elsewhere oneDNN emulates bf16, which is slower than fp32, so `train.amp=bf16_native`
-    stays fp32 there."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    cpu = torch.cpu
-    return any(getattr(cpu, probe, lambda: False)()
-               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def uses_bf16(amp: str, device: torch.device) -> bool:
-    """`train.amp` on `device`: auto = bf16 on CUDA only; bf16_native = bf16 where the hardware
-    has it (native_bf16); bf16 = always; none = never."""
-    if amp == "bf16_native":
-        return native_bf16(device)
-    return amp == "bf16" or (amp == "auto" and device.type == "cuda")
 
 
 def _adam(params, lr: float, betas: tuple[float, float],
@@ -135,9 +114,7 @@ class GANTrainer:
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
-        if not self.amp:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return bf16_autocast(self.amp, self.device)
 
     def _sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.G_raw.sample_inputs(n, generator=self.noise, device=self.device)
