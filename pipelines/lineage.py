@@ -50,7 +50,7 @@ class ShardDataset(MetaDataset):
                          "raw_source": manifest.source}
         with warnings.catch_warnings():  # local paths: "can be interpreted in multiple ways"
             warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(manifest.location)
+            source = resolve_dataset_source(manifest.shard_base or manifest.location)
         super().__init__(source, name=name, digest=manifest.content_hash()[:16])
 
     @property
@@ -65,18 +65,21 @@ def _dataset_name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1] or path
 
 
-def shard_dataset(path: str, endpoint_url: str | None = None) -> ShardDataset:
-    """The dataset at a shard prefix (local, s3://, http(s)://), from its manifest."""
-    from sagan.data import load_manifest
+def shard_dataset(path: str, endpoint_url: str | None = None, data_cfg: Any = None
+                  ) -> ShardDataset:
+    """The dataset at a shard prefix (local, s3://, http(s)://) or shard set (its index), from
+    its manifest; `data_cfg` gives the index options of data.path."""
+    from sagan.data import index_options, load_manifest
 
-    return ShardDataset(load_manifest(path, endpoint_url=endpoint_url), _dataset_name(path))
+    m = load_manifest(path, endpoint_url=endpoint_url, **index_options(data_cfg))
+    return ShardDataset(m, _dataset_name(path))
 
 
 def run_datasets(cfg: PipelineConfig) -> dict[str, ShardDataset]:
     """context -> dataset of a training run: `training` (data.path) and, when the run
     evaluates, `evaluation` (eval.real_path, or data.path when unset)."""
     ep = cfg.data.endpoint_url
-    out = {"training": shard_dataset(cfg.data.path, ep)}
+    out = {"training": shard_dataset(cfg.data.path, ep, cfg.data)}
     if cfg.eval.eval_every > 0:
         real = cfg.eval.real_path or cfg.data.path
         out["evaluation"] = out["training"] if real == cfg.data.path else shard_dataset(real, ep)

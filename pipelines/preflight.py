@@ -22,7 +22,7 @@ class PreflightError(RuntimeError):
 # Config fields that may name a local file or directory. Ray Train V2 runs each worker in the
 # run's own directory, not where the command was run, so a relative path there names another
 # place (issue 17); the driver makes them absolute before the config reaches any worker.
-LOCAL_PATH_FIELDS = ("data.path", "data.prepare_source", "cluster.storage_path",
+LOCAL_PATH_FIELDS = ("data.path", "data.index", "data.prepare_source", "cluster.storage_path",
                      "eval.real_path", "eval.cache_dir", "eval.inception_weights")
 
 
@@ -30,7 +30,7 @@ def _is_local(value: str) -> bool:
     return "://" not in value
 
 
-def _absolute(value: str, cwd: Path) -> tuple[str, bool]:
+def absolute(value: str, cwd: Path) -> tuple[str, bool]:
     """(absolute form, whether `value` was relative); `~` expands, URLs pass unchanged."""
     if value.startswith("file://"):
         value = value[len("file://"):]
@@ -41,12 +41,12 @@ def _absolute(value: str, cwd: Path) -> tuple[str, bool]:
         not path.is_absolute()
 
 
-def _source_absolute(spec: str, cwd: Path) -> tuple[str, bool]:
+def source_absolute(spec: str, cwd: Path) -> tuple[str, bool]:
     """`KIND:PATH` prepare-source spec with PATH made absolute (`fashion-mnist` has none)."""
     kind, sep, path = spec.partition(":")
     if not sep or not path:
         return spec, False
-    path, relative = _absolute(path, cwd)
+    path, relative = absolute(path, cwd)
     return f"{kind}:{path}", relative
 
 
@@ -66,7 +66,7 @@ def localize_paths(cfg: PipelineConfig, cwd: Path | None = None
         value = getattr(getattr(out, section), name)
         if not value:
             continue
-        fix = _source_absolute if name == "prepare_source" else _absolute
+        fix = source_absolute if name == "prepare_source" else absolute
         new, was_relative = fix(str(value), cwd)
         setattr(getattr(out, section), name, new)
         if was_relative and (evaluates or section != "eval"):
@@ -126,19 +126,26 @@ def ensure_data(cfg: PipelineConfig) -> Any:
 
 
 def _ensure_one(cfg: PipelineConfig, field: str, path: str, split: str) -> Any:
-    from sagan.data import DataError, ensure_dataset
+    from sagan.data import DataError, NotIndexed, ensure_dataset
 
     source = cfg.data.prepare_source
-    if "://" not in path and not (Path(path) / "manifest.json").is_file() and source:
+    if "://" not in path and not (Path(path) / "manifest.json").is_file() and source \
+            and not Path(path).is_dir():
         print(f"preparing {source} ({split} split) shards in {path} (first use) ...", flush=True)
     try:
-        manifest = ensure_dataset(cfg.data, cfg.model.image_size, cfg.model.channels,
-                                  path=path, split=split)
+        try:
+            manifest = ensure_dataset(cfg.data, cfg.model.image_size, cfg.model.channels,
+                                      path=path, split=split)
+        except NotIndexed as missing:
+            manifest = _index_first_use(cfg, field, missing)
     except DataError as exc:  # SourceError included
         raise PreflightError(f"{field} '{path}': {exc}") from None
     if manifest.total == 0 or not manifest.shards:
         raise PreflightError(f"{field} '{path}': the manifest lists no samples")
     m = cfg.model
+    if manifest.is_index:
+        _check_index_labels(field, path, manifest, cfg)
+        return manifest.bind(m.image_size, m.channels, cfg.data.fit, m.num_classes)
     if manifest.image_size != m.image_size or manifest.channels != m.channels:
         raise PreflightError(
             f"{field} '{path}': shards are {manifest.image_size}px x {manifest.channels}ch but "
@@ -148,6 +155,46 @@ def _ensure_one(cfg: PipelineConfig, field: str, path: str, split: str) -> Any:
             f"{field} '{path}': shards have {manifest.num_classes} classes but "
             f"model.num_classes={m.num_classes} (set model.num_classes={manifest.num_classes})")
     return manifest
+
+
+def _index_first_use(cfg: PipelineConfig, field: str, missing: Any) -> Any:
+    """Shards the ecosystem wrote, not indexed yet: index them now as Ray tasks (once; later
+    runs read the index where it was written)."""
+    from pipelines.index_data import index_shards, summary
+    from sagan.data import DataError
+
+    d = cfg.data
+    print(f"{field}: no index of {missing.spec} yet: indexing it (once; later runs reuse "
+          f"{missing.location}) ...", flush=True)
+    try:
+        m = index_shards(missing.spec, missing.location, d.image_key, d.label, d.endpoint_url)
+    except DataError as exc:
+        hint = "" if d.index else "; for a read-only bucket set data.index to a writable prefix"
+        raise DataError(f"{exc}{hint}") from None
+    print(summary(m), flush=True)
+    return m
+
+
+def _check_index_labels(field: str, path: str, manifest: Any, cfg: PipelineConfig) -> None:
+    """An index's labels against model.num_classes: none with a conditional model, or a label
+    the model has no class for (named with its shard), stop here; num_classes 0 trains
+    unconditionally on any shards."""
+    n, idx, label = cfg.model.num_classes, manifest.index, cfg.data.label
+    if n == 0:
+        return
+    if manifest.num_classes == 0:
+        raise PreflightError(
+            f"{field} '{path}': the shards have no label ({label or 'data.label is none'}: "
+            f"their keys are {', '.join(idx.get('keys', {}))}) but model.num_classes={n}; set "
+            "data.label (cls or json:FIELD) or model.num_classes=0 (unconditional)")
+    for shard, (_, hi) in idx.get("label_range", {}).items():
+        if hi >= n:
+            raise PreflightError(f"{field} '{path}': label {hi} in shard {shard} is outside "
+                                 f"model.num_classes={n} (labels must be in [0, {n}))")
+    if manifest.num_classes > n:
+        raise PreflightError(
+            f"{field} '{path}': the shards have {manifest.num_classes} classes "
+            f"({', '.join(manifest.class_names[:5])}, ...) but model.num_classes={n}")
 
 
 # --------------------------------------------------------------------------- cluster

@@ -5,15 +5,20 @@
     python pipelines/prepare_data.py imagefolder:~/photos data/photos-64 --image-size 64
 
 A thin entry point: parsing and error reporting here, all work in ``sagan.data``
-(``sources``, ``prepare``). Bad input ends with one line on stderr naming the file or field,
-exit code 2.
+(``sources``, ``prepare``). With a Ray cluster (RAY_ADDRESS names one, or ``--ray``) the source
+is split into ranges of shards, each encoded and uploaded by one Ray task; the manifest is
+written last, by this process; the shards are the same bytes as without Ray. Bad input ends
+with one line on stderr naming the file or field, exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from pipelines.preflight import absolute, source_absolute
+from pipelines.ray_tasks import ray_map, use_ray
 from sagan.data import FASHION_MNIST_DIR, FITS, DataError, prepare_dataset
 
 SOURCES_HELP = f"""\
@@ -72,26 +77,42 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop labels (write no cls members)")
     ap.add_argument("--endpoint-url", default=None,
                     help="S3 endpoint for S3-compatible stores (MinIO, Ceph, moto)")
+    ray_group = ap.add_mutually_exclusive_group()
+    ray_group.add_argument("--ray", dest="ray", action="store_true", default=None,
+                           help="encode as Ray tasks (default when RAY_ADDRESS names a cluster; "
+                                "the source path must be readable on every node)")
+    ray_group.add_argument("--no-ray", dest="ray", action="store_false",
+                           help="encode in this process")
+    ap.add_argument("--shards-per-task", type=int, default=1,
+                    help="shards each Ray task writes (default 1)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("image_size", "samples_per_shard"):
+    for name in ("image_size", "samples_per_shard", "shards_per_task"):
         if getattr(args, name) <= 0:
             print(f"error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
             return 2
     if args.limit is not None and args.limit <= 0:
         print("error: --limit must be > 0", file=sys.stderr)
         return 2
+    map_fn = None
+    if use_ray(args.ray):  # tasks run in other directories: they get absolute paths
+        args.source, _ = source_absolute(args.source, Path.cwd())
+        args.out, _ = absolute(args.out, Path.cwd())
+        per_task = args.samples_per_shard * args.shards_per_task
+        map_fn = ray_map(f"writing {args.out}", unit="img", progress=not args.no_progress,
+                         weight=lambda job: min(len(job[3]), per_task))
     try:
         m = prepare_dataset(
             args.source, args.out, image_size=args.image_size, channels=args.channels,
             grey_to_rgb=args.grey_to_rgb, limit=args.limit, seed=args.seed,
             samples_per_shard=args.samples_per_shard, endpoint_url=args.endpoint_url,
             split=args.split, fit=args.fit, unconditional=args.unconditional,
-            progress=not args.no_progress)
+            progress=not args.no_progress, map_fn=map_fn,
+            shards_per_task=args.shards_per_task)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

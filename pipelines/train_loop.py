@@ -239,7 +239,7 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
     """Train to cfg.train.steps under `session`, logging to the MLflow run `run_id` (rank 0).
     Returns None, or `{STOPPED_KEY: message, EXIT_KEY: code, "step": n}` when training stopped
     for good: a setup error every retry would meet again, or a non-finite loss."""
-    from sagan.data import load_manifest, train_loader
+    from sagan.data import index_options, load_manifest, train_loader
 
     t, rank, device = cfg.train, session.rank, session.device
     if device.type == "cpu" and cfg.cluster.cpus_per_worker >= 1:
@@ -255,7 +255,10 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
             state, path = _newest_loadable(ckpt, device, rank)
             restore_trainer(trainer, state, where=f"checkpoint {path}")
             _say(f"[rank {rank}] resumed from {path} at step {trainer.step}")
-        manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
+        m = cfg.model
+        manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url,
+                                 **index_options(cfg.data)).bind(
+            m.image_size, m.channels, cfg.data.fit, m.num_classes)
     except Exception as exc:
         error = _setup_error(exc, cfg)
         if error is None:

@@ -32,6 +32,7 @@ IMAGE_SIZES = (32, 64, 128)
 CBN_FORMS = ("sn", "plain")
 AMP_MODES = ("auto", "bf16_native", "bf16", "none")  # sagan/precision.py uses_bf16
 DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # sagan/diffaugment.py
+FITS = ("resize", "crop", "pad")  # how images meet image_size: sagan.data.transform_image
 MIN_ATTENTION_RES = 8  # below 8x8 the 2x2-pooled keys leave too few positions to attend over
 
 
@@ -76,6 +77,16 @@ class DataConfig:
     verify_sha256: bool = False
     # Source used to prepare `path` on first use when it is a missing local directory.
     prepare_source: str | None = None
+    # Shards written by others (`path` a brace list or a prefix of .tar files; docs/DATA.md):
+    # where their index lives (None: beside them; set it for read-only buckets), which member
+    # holds the image (None: the first of jpg, jpeg, png, webp), which holds the label (`cls`,
+    # `json:FIELD`, or None for none), and how images are fitted to model.image_size in the
+    # loader workers: `crop` (centre-crop, the usual for photos), `resize` (letterbox) or `pad`,
+    # as prepare_data.py --fit. Our own shards ignore these: they are already the model's size.
+    index: str | None = None
+    image_key: str | None = None
+    label: str | None = "cls"
+    fit: str = "crop"
 
 
 @dataclass
@@ -260,6 +271,11 @@ def _validate(cfg: Config) -> None:
     require(d.loader_workers >= 0, "data.loader_workers", "must be >= 0")
     require(d.prefetch >= 0, "data.prefetch", "must be >= 0")
     require(bool(d.path), "data.path", "must not be empty")
+    require(d.fit in FITS, "data.fit", f"must be one of {', '.join(FITS)}; got {d.fit!r}")
+    require(d.image_key is None or (bool(d.image_key) and "." not in d.image_key),
+            "data.image_key", f"must be a member key such as jpg (no dot), got {d.image_key!r}")
+    require(d.label is None or (bool(d.label) and not d.label.endswith(":")), "data.label",
+            f"must be a member key (cls) or json:FIELD, got {d.label!r}")
 
     require(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
     require(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")

@@ -155,13 +155,22 @@ def _manifest_for(cfg_or_path: Any, endpoint_url: str | None, manifest: Manifest
     path = getattr(cfg_or_path, "path", cfg_or_path)
     endpoint = endpoint_url or getattr(cfg_or_path, "endpoint_url", None)
     try:
-        return load_manifest(str(path), endpoint, policy)
+        m = load_manifest(str(path), endpoint, policy, **index_options(cfg_or_path))
     except DataError as exc:
         if getattr(cfg_or_path, "prepare_source", None) and "no manifest.json" in str(exc):
             raise DataError(f"{exc}; data.prepare_source is set: call "
                             "sagan.data.ensure_dataset(cfg.data, image_size, channels) "
                             "first") from None
         raise
+    fit = getattr(cfg_or_path, "fit", None)
+    return m.bind(m.image_size, m.channels, fit) if m.is_index and fit else m
+
+
+def index_options(data_cfg: Any) -> dict[str, Any]:
+    """load_manifest's index arguments from a DataConfig (defaults for a bare path)."""
+    return {"index": getattr(data_cfg, "index", None),
+            "image_key": getattr(data_cfg, "image_key", None),
+            "label": getattr(data_cfg, "label", "cls")}
 
 
 def train_loader(data_cfg: Any, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -189,7 +198,7 @@ def train_loader(data_cfg: Any, batch_size: int, rank: int = 0, world_size: int 
     if batches_per_epoch <= 0:
         raise DataError(f"batches_per_epoch must be > 0, got {batches_per_epoch}")
     endpoint = resolve_endpoint(getattr(data_cfg, "endpoint_url", None) or m.endpoint_url) \
-        if scheme(m.location) == "s3" else None
+        if scheme(m.url("")) == "s3" else None
     stream = TrainStream(
         m, split_by_rank(shards, rank, world_size), batch_size,
         shuffle_buffer=int(getattr(data_cfg, "shuffle_buffer", 1000)),
@@ -287,5 +296,5 @@ def eval_loader(path_or_cfg: Any, batch_size: int, limit: int | None = None,
     if verify_sha256 is None:
         verify_sha256 = bool(getattr(path_or_cfg, "verify_sha256", False))
     endpoint = resolve_endpoint(endpoint_url or getattr(path_or_cfg, "endpoint_url", None)
-                                or m.endpoint_url) if scheme(m.location) == "s3" else None
+                                or m.endpoint_url) if scheme(m.url("")) == "s3" else None
     return EvalLoader(m, batch_size, limit, endpoint, verify_sha256, with_keys, policy)

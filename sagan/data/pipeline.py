@@ -27,7 +27,10 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from sagan.errors import one_line
 
 from .errors import Counters, DataError, Health, RetryPolicy, ShardReadError
+from .index import IMAGE_KEYS, image_key_of, label_of
 from .manifest import Manifest, ShardInfo
+from .prepare import transform_image
+from .sources import image_array
 from .storage import open_url
 
 log = logging.getLogger(__name__)
@@ -80,7 +83,10 @@ def worker_shards(urls: list[str], num_workers: int) -> list[str]:
 
 
 def decode_sample(sample: dict[str, Any], m: Manifest) -> tuple[np.ndarray, int | None] | str:
-    """(uint8 HxW or HxWx3 array, label) or the reason the sample is rejected."""
+    """(uint8 HxW or HxWx3 array, label) or the reason the sample is rejected. Our shards
+    must hold exactly the manifest's PNGs; an index's images are decoded and fitted."""
+    if m.is_index:
+        return _decode_indexed(sample, m)
     png = sample.get("png")
     if png is None:
         return "no png member"
@@ -107,6 +113,40 @@ def decode_sample(sample: dict[str, Any], m: Manifest) -> tuple[np.ndarray, int 
         if not 0 <= label < m.num_classes:
             return f"label {label} outside [0, {m.num_classes})"
     return arr, label
+
+
+def _decode_indexed(sample: dict[str, Any], m: Manifest) -> tuple[np.ndarray, int | None] | str:
+    """A foreign sample: the index's image member (any format PIL reads) to the bound size,
+    fit and channels (the same transform as prepare_data.py); the label by the index's rule.
+    JPEGs are decoded at the smallest DCT scale that still covers the target (``draft``)."""
+    idx = m.index or {}
+    key = image_key_of(sample, idx.get("image_key"))
+    if key is None:
+        return f"no image member ({idx.get('image_key') or '/'.join(IMAGE_KEYS)})"
+    mode = "L" if m.channels == 1 else "RGB"
+    try:
+        with Image.open(io.BytesIO(sample[key])) as im:
+            if im.format == "JPEG":
+                im.draft(mode, (m.image_size, m.image_size))
+            arr = transform_image(image_array(im, m.channels), m.image_size, m.channels, m.fit)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return f"undecodable image ({type(exc).__name__})"
+    if not m.num_classes:
+        return arr, None
+    try:
+        value = label_of(sample, idx.get("label"))
+    except (ValueError, UnicodeDecodeError):
+        return "invalid label"
+    if value is None:
+        return f"missing label ({idx.get('label')})"
+    if isinstance(value, str) or idx.get("labels") == "names":
+        try:
+            value = m.class_names.index(str(value))
+        except ValueError:
+            return f"label {str(value)[:30]!r} is not one of the index's classes"
+    if not 0 <= value < m.num_classes:
+        return f"label {value} outside [0, {m.num_classes})"
+    return arr, value
 
 
 def collate(items: list[Sample], conditional: bool) -> Batch:

@@ -5,20 +5,23 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from sagan.config import FITS
+
 from .errors import DataError
-from .manifest import Manifest, load_manifest
-from .sources import SourceError, open_source
-from .writer import write_shards
+from .manifest import Manifest, ShardInfo, load_manifest
+from .sources import Source, SourceError, open_source
+from .writer import begin_shards, publish_manifest, write_shard_range
+
+Mapper = Callable[[Callable[..., Any], list[tuple]], Iterable[Any]]
 
 __all__ = ["FITS", "ensure_dataset", "prepare_dataset", "transform_image"]
 
-FITS = ("resize", "crop", "pad")
 
 
 def transform_image(img: np.ndarray, image_size: int, channels: int,
@@ -67,13 +70,20 @@ def prepare_dataset(source: str, out: str, image_size: int = 32, channels: int |
                     grey_to_rgb: bool = False, limit: int | None = None, seed: int = 0,
                     samples_per_shard: int = 1000, endpoint_url: str | None = None,
                     split: str = "train", fit: str = "resize", unconditional: bool = False,
-                    progress: bool = False) -> Manifest:
+                    progress: bool = False, map_fn: Mapper | None = None,
+                    shards_per_task: int = 1) -> Manifest:
     """Read `source`, transform, shuffle deterministically with `seed`, write shards to `out`.
 
     ``channels=None`` keeps the source's (1 for MNIST-likes, 3 for CIFAR/folders);
     ``grey_to_rgb`` (or channels=3) replicates grey into RGB; channels=1 converts colour to luma.
     ``limit`` keeps the first N after the shuffle, i.e. a seeded random subset. Sample keys are
     the source index (``%09d``), so any sample can be traced back.
+
+    ``map_fn(encode_range, argument tuples)``, when given, runs the encoding as parallel tasks
+    of ``shards_per_task`` shards each (pipelines/prepare_data.py passes Ray tasks; each task
+    re-opens the source, so its path must be readable where the task runs) and yields their
+    shard lists in any order; the manifest is written last, here. The shards are the same bytes
+    either way: each task gets the slice of the one seeded order its shard numbers cover.
     """
     if image_size <= 0:
         raise SourceError(f"image_size must be > 0, got {image_size}")
@@ -83,6 +93,8 @@ def prepare_dataset(source: str, out: str, image_size: int = 32, channels: int |
         raise SourceError(f"limit must be > 0, got {limit}")
     if fit not in FITS:
         raise SourceError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    if shards_per_task <= 0:
+        raise SourceError(f"shards_per_task must be > 0, got {shards_per_task}")
     src = open_source(source, split=split, unconditional=unconditional)
     ch = channels or (3 if grey_to_rgb else src.channels)
     if grey_to_rgb and ch == 1:
@@ -90,21 +102,47 @@ def prepare_dataset(source: str, out: str, image_size: int = 32, channels: int |
     order = np.random.default_rng(seed).permutation(len(src))
     if limit is not None:
         order = order[:limit]
+    if len(order) == 0:
+        raise DataError(f"no samples to write to {out}")
+    begin_shards(out, endpoint_url)
+    num = src.num_classes
+    if map_fn is None:
+        items: Any = _samples(src, order, ch, image_size, fit)
+        if progress:
+            from tqdm import tqdm
 
-    def samples() -> Iterator[tuple[np.ndarray, int | None, str]]:
-        for i in order:
-            img, label = src.get(int(i), ch)
-            yield transform_image(img, image_size, ch, fit), label, f"{int(i):09d}"
+            items = tqdm(items, total=len(order), unit="img", desc=f"writing {out}")
+        shards = write_shard_range(items, out, image_size, ch, num, samples_per_shard,
+                                   endpoint_url=endpoint_url)
+    else:
+        per_task = samples_per_shard * shards_per_task
+        jobs = [(source, split, unconditional, order[i:i + per_task].tolist(), ch, image_size,
+                 fit, out, num, samples_per_shard, i // samples_per_shard, endpoint_url)
+                for i in range(0, len(order), per_task)]
+        shards = sorted((s for part in map_fn(encode_range, jobs) for s in part),
+                        key=lambda s: s.name)
+    return publish_manifest(out, shards, image_size, ch, num, src.class_names,
+                            f"{src.name} ({split}, seed {seed}, fit {fit})", endpoint_url)
 
-    items: Any = samples()
-    if progress:
-        from tqdm import tqdm
 
-        items = tqdm(items, total=len(order), unit="img", desc=f"writing {out}")
-    return write_shards(items, out, image_size=image_size, channels=ch,
-                        num_classes=src.num_classes, class_names=src.class_names,
-                        source=f"{src.name} ({split}, seed {seed}, fit {fit})",
-                        samples_per_shard=samples_per_shard, endpoint_url=endpoint_url)
+def _samples(src: Source, order: Any, ch: int, image_size: int, fit: str
+             ) -> Iterator[tuple[np.ndarray, int | None, str]]:
+    for i in order:
+        img, label = src.get(int(i), ch)
+        yield transform_image(img, image_size, ch, fit), label, f"{int(i):09d}"
+
+
+def encode_range(source: str, split: str, unconditional: bool, indices: list[int], ch: int,
+                 image_size: int, fit: str, out: str, num_classes: int,
+                 samples_per_shard: int, first_shard: int, endpoint_url: str | None
+                 ) -> list[ShardInfo]:
+    """One parallel task of :func:`prepare_dataset`: these source indices, transformed, as
+    shards ``first_shard``, ... (uploaded when each is complete)."""
+    src = open_source(source, split=split, unconditional=unconditional)
+    return write_shard_range(_samples(src, indices, ch, image_size, fit), out, image_size, ch,
+                             num_classes, samples_per_shard, first_shard=first_shard,
+                             first_index=first_shard * samples_per_shard,
+                             endpoint_url=endpoint_url)
 
 
 def ensure_dataset(data_cfg: Any, image_size: int, channels: int,
@@ -114,12 +152,16 @@ def ensure_dataset(data_cfg: Any, image_size: int, channels: int,
     manifest and ``data_cfg.prepare_source`` is set, prepare that split of the source first
     (once: concurrent callers, e.g. the ranks of one machine, wait on a lock file and then
     load what the first one wrote)."""
+    own = path is None or path == data_cfg.path  # data.index belongs to data.path only
     path = str(data_cfg.path if path is None else path)
     endpoint = getattr(data_cfg, "endpoint_url", None)
     source = getattr(data_cfg, "prepare_source", None)
     remote = "://" in path and not path.startswith("file://")
     if remote or not source:
-        return load_manifest(path, endpoint)
+        from .loaders import index_options
+
+        return load_manifest(path, endpoint, **{**index_options(data_cfg),
+                                                **({} if own else {"index": None})})
     import fcntl
 
     os.makedirs(path, exist_ok=True)

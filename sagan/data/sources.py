@@ -70,16 +70,20 @@ class Source:
             path = self.files[i]
             try:
                 with Image.open(path) as im:
-                    want = channels or self.channels
-                    if im.mode in ("RGBA", "LA", "P") and want == 3:
-                        im = im.convert("RGBA")
-                        bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                        im = Image.alpha_composite(bg, im)
-                    img = np.asarray(im.convert("L" if want == 1 else "RGB"))
+                    img = image_array(im, channels or self.channels)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 raise SourceError(f"{path}: cannot decode image ({exc})") from None
             label = None if self.file_labels is None else self.file_labels[i]
         return img, label
+
+
+def image_array(im: Image.Image, channels: int) -> np.ndarray:
+    """A decoded image as uint8 grey (H, W) or RGB (H, W, 3); transparency (RGBA, LA,
+    palette) is composited on black, as in every source and in indexed shards."""
+    if im.mode in ("RGBA", "LA", "P") and channels == 3:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)),
+                                   im.convert("RGBA"))
+    return np.asarray(im.convert("L" if channels == 1 else "RGB"))
 
 
 def _read_maybe_gzip(path: str) -> bytes:

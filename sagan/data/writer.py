@@ -157,6 +157,30 @@ def _check_label(label: Any, num_classes: int, index: int) -> int:
     return value
 
 
+def publish_bytes(out: str, name: str, data: bytes, endpoint_url: str | None = None) -> None:
+    """Write one small file (a manifest, an index) under a local directory or S3 prefix,
+    atomically (rename locally; a single PUT on S3)."""
+    _Destination(out, endpoint_url).put_bytes(data, name)
+
+
+def _check_header(image_size: int, channels: int, num_classes: int, samples_per_shard: int,
+                  class_names: list[str] | None) -> list[str]:
+    if image_size <= 0:
+        raise DataError(f"image_size must be > 0, got {image_size}")
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels}")
+    if num_classes < 0:
+        raise DataError(f"num_classes must be >= 0, got {num_classes}")
+    if samples_per_shard <= 0:
+        raise DataError(f"samples_per_shard must be > 0, got {samples_per_shard}")
+    names = list(class_names or [])
+    if num_classes and not names:
+        names = [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise DataError(f"class_names has {len(names)} entries for num_classes={num_classes}")
+    return names
+
+
 def write_shards(samples_iterable: Iterable[Any], out: str, image_size: int, channels: int,
                  num_classes: int, class_names: list[str] | None, source: str,
                  samples_per_shard: int = 1000, endpoint_url: str | None = None) -> Manifest:
@@ -171,23 +195,33 @@ def write_shards(samples_iterable: Iterable[Any], out: str, image_size: int, cha
     run are deleted, and the manifest is written last, so a manifest only ever describes shards
     that exist, and a re-run with the same output leaves exactly the new set (no duplicates).
     Tar member mtimes are fixed, so identical input gives byte-identical shards and sha256s.
+    The same three steps, with the middle one split over tasks, prepare a dataset in parallel
+    (sagan/data/prepare.py): :func:`begin_shards`, :func:`write_shard_range`,
+    :func:`publish_manifest`.
     """
-    if image_size <= 0:
-        raise DataError(f"image_size must be > 0, got {image_size}")
-    if channels not in (1, 3):
-        raise DataError(f"channels must be 1 or 3, got {channels}")
-    if num_classes < 0:
-        raise DataError(f"num_classes must be >= 0, got {num_classes}")
-    if samples_per_shard <= 0:
-        raise DataError(f"samples_per_shard must be > 0, got {samples_per_shard}")
-    names = list(class_names or [])
-    if num_classes and not names:
-        names = [str(i) for i in range(num_classes)]
-    if len(names) != num_classes:
-        raise DataError(f"class_names has {len(names)} entries for num_classes={num_classes}")
+    names = _check_header(image_size, channels, num_classes, samples_per_shard, class_names)
+    begin_shards(out, endpoint_url)
+    shards = write_shard_range(samples_iterable, out, image_size, channels, num_classes,
+                               samples_per_shard, endpoint_url=endpoint_url)
+    if not shards:
+        raise DataError(f"no samples to write to {out}")
+    return publish_manifest(out, shards, image_size, channels, num_classes, names, source,
+                            endpoint_url)
 
+
+def begin_shards(out: str, endpoint_url: str | None = None) -> None:
+    """Step 1: delete the manifest, so the dataset reads as incomplete until step 3."""
+    _Destination(out, endpoint_url).delete(MANIFEST_NAME)
+
+
+def write_shard_range(samples_iterable: Iterable[Any], out: str, image_size: int,
+                      channels: int, num_classes: int, samples_per_shard: int,
+                      first_shard: int = 0, first_index: int = 0,
+                      endpoint_url: str | None = None) -> list[ShardInfo]:
+    """Step 2: shards ``first_shard``, ``first_shard + 1``, ... of ``samples_per_shard`` items
+    each (see :func:`write_shards` for the items); ``first_index`` numbers the items in
+    errors and default keys. Returns the shards written, in order."""
     dest = _Destination(out, endpoint_url)
-    dest.delete(MANIFEST_NAME)
     tmp = dest.tmpdir()
     shards: list[ShardInfo] = []
     writer: wds.ShardWriter | None = None
@@ -204,9 +238,7 @@ def write_shards(samples_iterable: Iterable[Any], out: str, image_size: int, cha
         shards.append(ShardInfo(name, writer.count, h.hexdigest()))
 
     try:
-        it = iter(samples_iterable)
-        index = -1
-        for index, item in enumerate(it):
+        for index, item in enumerate(samples_iterable, start=first_index):
             if not isinstance(item, tuple | list) or len(item) not in (2, 3):
                 raise DataError(f"sample {index}: expected (image, label[, key]), got "
                                 f"{type(item).__name__}")
@@ -225,13 +257,12 @@ def write_shards(samples_iterable: Iterable[Any], out: str, image_size: int, cha
             if writer is None:  # ShardWriter opens a shard on construction: only once needed
                 writer = wds.ShardWriter(os.path.join(tmp, SHARD_PATTERN),
                                          maxcount=samples_per_shard, maxsize=float("inf"),
-                                         post=finished, verbose=0, encoder=False, mtime=0,
-                                         user="sagan", group="sagan")
+                                         post=finished, start_shard=first_shard, verbose=0,
+                                         encoder=False, mtime=0, user="sagan", group="sagan")
             writer.write(sample)
-        if writer is None:
-            raise DataError(f"no samples to write to {out}")
-        writer.close()
-        writer = None
+        if writer is not None:
+            writer.close()
+            writer = None
     finally:
         if writer is not None and getattr(writer, "tarstream", None) is not None:
             try:  # failed mid-shard: close the open temp shard, never publish it
@@ -239,7 +270,16 @@ def write_shards(samples_iterable: Iterable[Any], out: str, image_size: int, cha
             except Exception:  # noqa: BLE001 - already failing; the original error matters
                 pass
         shutil.rmtree(tmp, ignore_errors=True)
+    return shards
 
+
+def publish_manifest(out: str, shards: list[ShardInfo], image_size: int, channels: int,
+                     num_classes: int, class_names: list[str] | None, source: str,
+                     endpoint_url: str | None = None) -> Manifest:
+    """Step 3: delete shards of an earlier run that ``shards`` does not list (and temp dirs a
+    crashed run left), then write the manifest."""
+    dest = _Destination(out, endpoint_url)
+    names = _check_header(image_size, channels, num_classes, 1, class_names)
     keep = {s.name for s in shards}
     for name in dest.list_names():
         if SHARD_RE.match(name) and name not in keep:

@@ -170,7 +170,10 @@ def prepare_real(real: Any, num_images: int, resolution: int, batch_size: int = 
 
         path = real.path if isinstance(real, DataConfig) else str(real)
         ep = endpoint_url or (real.endpoint_url if isinstance(real, DataConfig) else None)
-        manifest = sdata.load_manifest(path, endpoint_url=ep)
+        manifest = sdata.load_manifest(path, endpoint_url=ep, **sdata.index_options(real))
+        if manifest.is_index:  # shards as others wrote them: decoded at the generator's size
+            manifest = manifest.bind(resolution, manifest.channels,
+                                     getattr(real, "fit", None) or "crop")
         n = min(num_images, int(manifest.total))
         if n < 2:
             raise RealDataError(f"real set '{path}': needs at least 2 images, manifest lists "
