@@ -10,6 +10,8 @@ batching and [-1, 1] scaling are identical. Reported per mode:
 
 * ``eval``: the single deterministic pass (``eval_loader``), in-process with read-ahead threads.
 * ``train``: ``train_loader`` with loader worker processes (``--workers``), fixed batch count.
+* ``foreign`` (on its own): shards as the ecosystem writes them (JPEG, indexed, decoded and
+  fitted in the loader) against our PNG shards of the same images: bench/data_foreign.py.
 
 Median of ``--repeats`` alternating rounds; target ratio S3/local >= 0.9. Also reported: the
 ratio of images per client CPU-second (this process plus its loader workers), which stays
@@ -47,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5, help="alternating rounds per side")
     ap.add_argument("--workers", type=int, default=2, help="loader workers in train mode")
-    ap.add_argument("--mode", choices=("eval", "train", "both"), default="both")
+    ap.add_argument("--mode", choices=("eval", "train", "both", "foreign"), default="both",
+                    help="foreign: JPEG shards as others write them vs our PNG shards of the "
+                         "same images, per loader core (bench/data_foreign.py)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "data_stream.json"))
     return ap.parse_args(argv)
 
@@ -88,6 +92,10 @@ def time_train(path: str, batch_size: int, workers: int, batches: int
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.mode == "foreign":
+        from bench.data_foreign import main as foreign
+
+        return foreign([])
     exit_on_sigterm()  # `timeout`/kill: leave through `with local_s3()`, which stops the server
     import boto3
 

@@ -26,17 +26,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_CONNECTED = ""  # what connect() joined, for the progress lines of later calls
+
+
 def connect() -> str:
     """Connect this process to its Ray cluster (see the module docstring); returns a short
     description of which one for the progress line."""
     import ray
 
+    global _CONNECTED
     if ray.is_initialized():
-        return "the Ray cluster this process is already connected to"
+        return _CONNECTED or "the Ray cluster this process is already connected to"
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address and not address.startswith(("http://", "https://")):
         ray.init(address=address, log_to_driver=True)
-        return f"the Ray cluster at {address}"
+        _CONNECTED = f"the Ray cluster at {address}"
+        return _CONNECTED
     if address:
         print(f"RAY_ADDRESS={address} is a job-server address (for `ray job submit`), not a "
               "cluster to join: starting an embedded Ray instead", flush=True)
@@ -45,7 +50,8 @@ def connect() -> str:
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # another cluster's job server
     ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True)
-    return f"an embedded local Ray (127.0.0.1:{port})"
+    _CONNECTED = f"an embedded local Ray (127.0.0.1:{port})"
+    return _CONNECTED
 
 
 def alive_nodes() -> int:

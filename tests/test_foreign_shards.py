@@ -97,7 +97,7 @@ def test_indexed_samples_are_the_prepare_transform_of_the_originals(tmp_path, fi
             ys.append(y)
         got = np.concatenate([x.numpy() for x in xs])
         assert got.shape == (12, channels, 32, 32)
-        for i, (arr, label) in enumerate(originals):
+        for i, (arr, _) in enumerate(originals):
             want = transform_image(arr, 32, channels, fit).astype(np.float32) / 127.5 - 1
             want = want[None] if channels == 1 else want.transpose(2, 0, 1)
             np.testing.assert_allclose(got[i], want, atol=1e-6)
@@ -226,3 +226,19 @@ def test_index_elsewhere_for_read_only_shards(tmp_path):
     other = str(tmp_path / "other" / "ds-train-000000.tar")
     with pytest.raises(DataError, match=r"is not an index of .*other/ds-train-000000.tar"):
         load_manifest(other, index=str(tmp_path / "idx"))
+
+
+def test_a_real_set_given_as_a_path_finds_its_index(tmp_path):
+    """eval.real_path is a bare path string: its index is looked up with the defaults (beside
+    the shards), never with attributes of the string."""
+    from sagan.data import index_options
+    from sagan.eval.real import prepare_real
+
+    assert index_options(str(tmp_path)) == {"index": None, "image_key": None, "label": "cls"}
+    write_foreign(tmp_path, n=12, per_shard=6, key="jpg")
+    spec = str(tmp_path / "ds-train-{000000..000001}.tar")
+    with pytest.raises(NotIndexed):
+        prepare_real(spec, 10, 32)
+    build_index(spec)
+    real = prepare_real(spec, 10, 32)
+    assert real.num_images == 10 and tuple(real.images().shape) == (10, 3, 32, 32)

@@ -28,6 +28,11 @@ COVERAGE = {
     "python pipelines/prepare_data.py imagefolder:/data/imagenet/train s3://my-bucket/in128 "
     "--image-size 128":
         "tests/test_data_prepare.py::test_readme_prepare_commands",
+    "python pipelines/index_data.py 's3://my-bucket/ds/train-{000000..001023}.tar'":
+        "tests/test_foreign_e2e.py::test_index_data_scans_shards_as_ray_tasks",
+    "python pipelines/train.py --config configs/sagan64.yaml "
+    "'data.path=s3://my-bucket/ds/train-{000000..001023}.tar' model.num_classes=1000":
+        "tests/test_foreign_e2e.py::test_foreign_shards_train_a_registered_model_via_ray_job",
     "python pipelines/train.py":
         "tests/test_embedded_default.py::test_readme_embedded_default_on_a_fresh_copy",
     "python pipelines/train.py --config configs/sagan32.yaml train.steps=5000 --workers 2":

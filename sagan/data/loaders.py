@@ -168,6 +168,8 @@ def _manifest_for(cfg_or_path: Any, endpoint_url: str | None, manifest: Manifest
 
 def index_options(data_cfg: Any) -> dict[str, Any]:
     """load_manifest's index arguments from a DataConfig (defaults for a bare path)."""
+    if not hasattr(data_cfg, "path"):  # a str, a Path, None: the defaults
+        return {"index": None, "image_key": None, "label": "cls"}
     return {"index": getattr(data_cfg, "index", None),
             "image_key": getattr(data_cfg, "image_key", None),
             "label": getattr(data_cfg, "label", "cls")}
