@@ -242,3 +242,24 @@ def test_a_real_set_given_as_a_path_finds_its_index(tmp_path):
     build_index(spec)
     real = prepare_real(spec, 10, 32)
     assert real.num_images == 10 and tuple(real.images().shape) == (10, 3, 32, 32)
+
+
+@pytest.mark.slow
+def test_foreign_stream_benchmark_runs_and_reports_a_ratio(tmp_path):
+    """`python -m bench.data_stream --mode foreign` at a tiny size: it writes both sides of
+    the same images, streams them and reports the foreign/ours ratio (numbers: PERFORMANCE.md)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "foreign.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.data_foreign", "--images", "60",
+                           "--sizes", "32", "--repeats", "1", "--batch-size", "16",
+                           "--out", str(out)], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    r = report["results"]["32"]
+    assert r["foreign_jpeg_img_per_s"] > 0 and r["ours_png_img_per_s"] > 0
+    assert r["ratio_foreign_over_ours"] == pytest.approx(
+        r["foreign_jpeg_img_per_s"] / r["ours_png_img_per_s"], rel=0.01)
+    assert report["index_scan"]["images"] == 60
