@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from pipelines.preflight import absolute, source_absolute
-from pipelines.ray_tasks import ray_map, use_ray
+from pipelines.ray_tasks import cluster_cpus, ray_map, use_ray
 from sagan.data import FASHION_MNIST_DIR, FITS, DataError, prepare_dataset
 
 SOURCES_HELP = f"""\
@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "the source path must be readable on every node)")
     ray_group.add_argument("--no-ray", dest="ray", action="store_false",
                            help="encode in this process")
-    ap.add_argument("--shards-per-task", type=int, default=1,
-                    help="shards each Ray task writes (default 1)")
+    ap.add_argument("--shards-per-task", type=int, default=None,
+                    help="shards each Ray task writes (default: about four tasks per CPU of the "
+                         "cluster; each task re-opens the source)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -92,19 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("image_size", "samples_per_shard", "shards_per_task"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             print(f"error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
             return 2
     if args.limit is not None and args.limit <= 0:
         print("error: --limit must be > 0", file=sys.stderr)
         return 2
-    map_fn = None
+    map_fn, tasks = None, 1
     if use_ray(args.ray):  # tasks run in other directories: they get absolute paths
         args.source, _ = source_absolute(args.source, Path.cwd())
         args.out, _ = absolute(args.out, Path.cwd())
-        per_task = args.samples_per_shard * args.shards_per_task
         map_fn = ray_map(f"writing {args.out}", unit="img", progress=not args.no_progress,
-                         weight=lambda job: min(len(job[3]), per_task))
+                         weight=lambda job: len(job[3]))
+        tasks = 4 * cluster_cpus()
     try:
         m = prepare_dataset(
             args.source, args.out, image_size=args.image_size, channels=args.channels,
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             samples_per_shard=args.samples_per_shard, endpoint_url=args.endpoint_url,
             split=args.split, fit=args.fit, unconditional=args.unconditional,
             progress=not args.no_progress, map_fn=map_fn,
-            shards_per_task=args.shards_per_task)
+            shards_per_task=args.shards_per_task, tasks=tasks)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,16 @@ def use_ray(flag: bool | None) -> bool:
     return bool(address) and not address.startswith(("http://", "https://"))
 
 
+def cluster_cpus() -> int:
+    """CPUs of the Ray cluster (connecting first): how many tasks can run at once."""
+    import ray
+
+    from pipelines.ray_cluster import connect
+
+    connect()
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def ray_map(desc: str, unit: str = "shard", cpus: float = 1.0,
             weight: Callable[[tuple], int] | None = None, progress: bool = True
             ) -> Callable[[Callable[..., Any], list[tuple]], Iterator[Any]]:

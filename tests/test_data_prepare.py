@@ -304,3 +304,20 @@ def test_readme_prepare_commands(tmp_path: Path, s3_bucket: str) -> None:
         assert r.returncode == 0, r.stderr[-2000:]
         m = load_manifest(out if "://" in out else str(tmp_path / out))
         assert (m.total, m.image_size, m.channels, m.num_classes) == want, out
+
+
+def test_prepare_split_into_tasks_writes_the_same_bytes(tmp_path) -> None:
+    """The parallel form (prepare_data.py --ray hands Ray tasks in as map_fn): any task size,
+    tasks finishing in any order, gives the single-process dataset, byte for byte."""
+    single = prepare_dataset("fashion-mnist", str(tmp_path / "one"), limit=250,
+                             samples_per_shard=40)
+
+    def reversed_map(fn, jobs):  # finishes last task first
+        return [fn(*job) for job in reversed(jobs)]
+
+    for per_task, tasks in ((1, 8), (None, 3), (None, 100)):
+        m = prepare_dataset("fashion-mnist", str(tmp_path / f"t{per_task}-{tasks}"), limit=250,
+                            samples_per_shard=40, map_fn=reversed_map,
+                            shards_per_task=per_task, tasks=tasks)
+        assert m.content_hash() == single.content_hash()
+        assert [s.samples for s in m.shards] == [40] * 6 + [10]

@@ -71,7 +71,7 @@ def prepare_dataset(source: str, out: str, image_size: int = 32, channels: int |
                     samples_per_shard: int = 1000, endpoint_url: str | None = None,
                     split: str = "train", fit: str = "resize", unconditional: bool = False,
                     progress: bool = False, map_fn: Mapper | None = None,
-                    shards_per_task: int = 1) -> Manifest:
+                    shards_per_task: int | None = None, tasks: int = 8) -> Manifest:
     """Read `source`, transform, shuffle deterministically with `seed`, write shards to `out`.
 
     ``channels=None`` keeps the source's (1 for MNIST-likes, 3 for CIFAR/folders);
@@ -80,10 +80,12 @@ def prepare_dataset(source: str, out: str, image_size: int = 32, channels: int |
     the source index (``%09d``), so any sample can be traced back.
 
     ``map_fn(encode_range, argument tuples)``, when given, runs the encoding as parallel tasks
-    of ``shards_per_task`` shards each (pipelines/prepare_data.py passes Ray tasks; each task
-    re-opens the source, so its path must be readable where the task runs) and yields their
-    shard lists in any order; the manifest is written last, here. The shards are the same bytes
-    either way: each task gets the slice of the one seeded order its shard numbers cover.
+    of ``shards_per_task`` shards each (default: as many as make about ``tasks`` tasks; each
+    task re-opens the source, which costs a directory listing or an idx read, so tasks should
+    be few times the workers, not one per shard) and yields their shard lists in any order
+    (pipelines/prepare_data.py passes Ray tasks; the source path must be readable where the
+    tasks run); the manifest is written last, here. The shards are the same bytes either way:
+    each task gets the slice of the one seeded order its shard numbers cover.
     """
     if image_size <= 0:
         raise SourceError(f"image_size must be > 0, got {image_size}")
@@ -93,7 +95,7 @@ def prepare_dataset(source: str, out: str, image_size: int = 32, channels: int |
         raise SourceError(f"limit must be > 0, got {limit}")
     if fit not in FITS:
         raise SourceError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
-    if shards_per_task <= 0:
+    if shards_per_task is not None and shards_per_task <= 0:
         raise SourceError(f"shards_per_task must be > 0, got {shards_per_task}")
     src = open_source(source, split=split, unconditional=unconditional)
     ch = channels or (3 if grey_to_rgb else src.channels)
@@ -115,7 +117,8 @@ def prepare_dataset(source: str, out: str, image_size: int = 32, channels: int |
         shards = write_shard_range(items, out, image_size, ch, num, samples_per_shard,
                                    endpoint_url=endpoint_url)
     else:
-        per_task = samples_per_shard * shards_per_task
+        num_shards = -(-len(order) // samples_per_shard)
+        per_task = samples_per_shard * (shards_per_task or -(-num_shards // max(1, tasks)))
         jobs = [(source, split, unconditional, order[i:i + per_task].tolist(), ch, image_size,
                  fit, out, num, samples_per_shard, i // samples_per_shard, endpoint_url)
                 for i in range(0, len(order), per_task)]
