@@ -49,42 +49,44 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def _as_int(field: str, v: Any, row: int) -> int:
+def _as_int(field: str, v: Any, at: str) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise RequestError(f"{field}: row {row}: expected an integer, got {v!r}")
+        raise RequestError(f"{field}:{at} expected an integer, got {v!r}")
     if isinstance(v, (float, np.floating)) and (not math.isfinite(v) or v != int(v)):
-        raise RequestError(f"{field}: row {row}: expected an integer, got {v!r}")
+        raise RequestError(f"{field}:{at} expected an integer, got {v!r}")
     return int(v)
 
 
 def check_request(seed: Any, class_id: Any, truncation: Any, num_classes: int,
-                  row: int = 0) -> SampleRequest:
-    """One request checked against the model: RequestError naming the field, else the request."""
+                  row: int | None = None) -> SampleRequest:
+    """One request checked against the model: RequestError naming the field (and the row of a
+    table), else the request."""
+    at = "" if row is None else f" row {row}:"
     if _missing(seed):
-        raise RequestError(f"seed: row {row}: missing (an integer in [0, 2^63))")
-    s = _as_int("seed", seed, row)
+        raise RequestError(f"seed:{at} missing (an integer in [0, 2^63))")
+    s = _as_int("seed", seed, at)
     if not 0 <= s < SEED_LIMIT:
-        raise RequestError(f"seed: row {row}: {s} is outside [0, 2^63)")
+        raise RequestError(f"seed:{at} {s} is outside [0, 2^63)")
     c = None
     if num_classes > 0:
         if _missing(class_id):
-            raise RequestError(f"class_id: row {row}: missing (this model has {num_classes} "
+            raise RequestError(f"class_id:{at} missing (this model has {num_classes} "
                                f"classes, 0..{num_classes - 1})")
-        c = _as_int("class_id", class_id, row)
+        c = _as_int("class_id", class_id, at)
         if not 0 <= c < num_classes:
-            raise RequestError(f"class_id: row {row}: {c} is out of range (this model has "
+            raise RequestError(f"class_id:{at} {c} is out of range (this model has "
                                f"{num_classes} classes, 0..{num_classes - 1})")
     elif not _missing(class_id):
-        raise RequestError(f"class_id: row {row}: this model is unconditional; leave it out")
+        raise RequestError(f"class_id:{at} this model is unconditional; leave it out")
     t = None
     if not _missing(truncation):
         if isinstance(truncation, (bool, np.bool_, str)):
-            raise RequestError(f"truncation: row {row}: expected a number > 0, got "
+            raise RequestError(f"truncation:{at} expected a number > 0, got "
                                f"{truncation!r}")
         try:
             t = check_truncation(truncation)
         except (TypeError, ValueError):
-            raise RequestError(f"truncation: row {row}: expected a number > 0, got "
+            raise RequestError(f"truncation:{at} expected a number > 0, got "
                                f"{truncation!r}") from None
     return SampleRequest(s, c, t)
 

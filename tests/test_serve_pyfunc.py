@@ -88,7 +88,12 @@ def test_readme_mlflow_models_serve_draws_pngs(scoring_server, champion_model):
     --env-manager local -p 5001` (here the test's model and a free port): POST /invocations
     with class_id, seed, truncation returns one PNG per row, of the model's size and channels;
     the same (class, seed) gives the same bytes, in one request and across requests; another
-    class or seed gives another image."""
+    class or seed gives another image. The README's request, `curl -s
+    localhost:5001/invocations -H 'Content-Type: application/json' -d '{"dataframe_records":
+    [{"class_id": 3, "seed": 7, "truncation": 0.7}]}'`, is sent as it is."""
+    status, readme = _post(f"{scoring_server}/invocations", {"dataframe_records": [
+        {"class_id": 3, "seed": 7, "truncation": 0.7}]})
+    assert status == 200 and len(_images(readme)) == 1, readme
     rows = [[0, 7, 0.7], [1, 7, 0.7], [0, 7, 0.7], [0, 8, 0.7], [3, 7, None]]
     status, answer = _post(f"{scoring_server}/invocations", _frame(rows))
     assert status == 200, answer
