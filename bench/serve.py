@@ -135,13 +135,24 @@ def main(argv: list[str] | None = None) -> int:
         info = _wait_up(url, proc)
         n = int(info.get("num_classes", 0))
         level(url, 1, args.warmup, args.seconds, n, 10**6)
-        runs = [level(url, 1, args.requests, args.seconds, n, 0),
-                level(url, args.clients, args.requests, args.seconds, n, 10**5),
-                level(url, 1, args.requests, args.seconds, n, 2 * 10**5)]
+        before = info.get("batches", {})
+        runs = [level(url, 1, args.requests, args.seconds, n, 0)]
+        mid = _wait_up(url, proc).get("batches", {})
+        runs.append(level(url, args.clients, args.requests, args.seconds, n, 10**5))
+        after = _wait_up(url, proc).get("batches", {})
+        runs.append(level(url, 1, args.requests, args.seconds, n, 2 * 10**5))
+        # the replica's @serve.batch counters (one replica: all requests; several: one of them)
+        for r, (a, b) in zip(runs[:2], ((before, mid), (mid, after)), strict=True):
+            if a and b and b["count"] > a["count"]:
+                r["mean_batch"] = (b["requests"] - a["requests"]) / (b["count"] - a["count"])
     finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=120)
+        if proc is not None:  # the app deletes itself and its embedded Ray; else the group
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     base = statistics.mean(r["images_per_s"] for r in (runs[0], runs[2]))
     ratio = runs[1]["images_per_s"] / base if base else float("nan")
     payload = {"url": url, "model": info, "levels": runs, "ratio_n_vs_1": ratio,
@@ -150,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         print(f"{r['clients']} client(s): {r['images_per_s']:.1f} images/s, p50 {r['p50_ms']:.1f} "
               f"ms, p99 {r['p99_ms']:.1f} ms ({r['images']} images, {r['errors']} errors, "
-              f"versions {r['versions']})")
+              f"versions {r['versions']}"
+              + (f", mean batch {r['mean_batch']:.1f})" if "mean_batch" in r else ")"))
     print(f"{args.clients} clients vs 1 (mean of the 1-client runs before and after): "
           f"{ratio:.2f}x images/s")
     out = Path(args.out)
