@@ -254,9 +254,29 @@ class GeneratorServer:
         return Response(png, media_type="image/png", headers=self._headers(",".join(versions)))
 
 
+def _check_alias(opts: ServeOptions) -> None:
+    """A models:/NAME@ALIAS that the registry does not know stops the build here, in one line,
+    rather than as replicas that fail to start and are retried."""
+    m = ALIAS_URI.match(opts.model)
+    if not m:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from sagan.errors import one_line
+
+    try:
+        MlflowClient(opts.tracking_uri or None).get_model_version_by_alias(m["name"], m["alias"])
+    except MlflowException as exc:
+        raise ValueError(f"model: {opts.model}: not in the registry at "
+                         f"{opts.tracking_uri or 'the default tracking URI'} "
+                         f"({one_line(exc, 160)})") from None
+
+
 def app(args: dict[str, Any]) -> Any:
     """App builder: `serve run pipelines.serve:app model=models:/NAME@champion replicas=2`."""
     opts = ServeOptions.from_args(args)
+    _check_alias(opts)
     actor = {"num_cpus": opts.cpus_per_replica, "num_gpus": opts.gpus_per_replica}
     return GeneratorServer.options(num_replicas=opts.replicas,
                                    ray_actor_options=actor).bind(opts)

@@ -206,6 +206,15 @@ def test_champion_moves_without_dropping_requests(app, champion_model):
     assert seen[0][2] != seen[-1][2]
 
 
+def test_unknown_alias_stops_before_any_replica(local_stack):
+    proc = subprocess.run([sys.executable, "pipelines/serve.py", "--model",
+                           "models:/no-such-gen@champion"], env=_env(local_stack), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith(
+        "serve.py: error: model: models:/no-such-gen@champion: not in the registry"), proc.stderr
+
+
 def test_readme_serve_run_app_builder(local_stack, champion_model, app):
     """The README's `serve run pipelines.serve:app model=models:/sagan-fashion-quickstart@champion`
     (here the test's model, under another route on the same Serve proxy); a misspelt option
