@@ -29,9 +29,10 @@ def _free_port() -> int:
 _CONNECTED = ""  # what connect() joined, for the progress lines of later calls
 
 
-def connect() -> str:
+def connect(runtime_env: dict | None = None) -> str:
     """Connect this process to its Ray cluster (see the module docstring); returns a short
-    description of which one for the progress line."""
+    description of which one for the progress line. `runtime_env`: the job's default (e.g. a
+    working_dir the serving replicas import from)."""
     import ray
 
     global _CONNECTED
@@ -39,7 +40,7 @@ def connect() -> str:
         return _CONNECTED or "the Ray cluster this process is already connected to"
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address and not address.startswith(("http://", "https://")):
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         _CONNECTED = f"the Ray cluster at {address}"
         return _CONNECTED
     if address:
@@ -49,7 +50,8 @@ def connect() -> str:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # Ray reads it when it starts the GCS
     os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
     os.environ.pop("RAY_API_SERVER_ADDRESS", None)  # another cluster's job server
-    ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True)
+    ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True,
+             runtime_env=runtime_env)
     _CONNECTED = f"an embedded local Ray (127.0.0.1:{port})"
     return _CONNECTED
 

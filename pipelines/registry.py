@@ -1,97 +1,53 @@
 """The EMA generator as an MLflow model: export, registration with aliases, and loading back.
 
-What is logged: a pt2 graph of the generator with spectral norm baked in (signature and input
-example; `mlflow.pytorch.load_model` gives a module taking z, and y when conditional), plus its
-exact state dict and model config as extra files, from which `load_registered_generator`
-rebuilds the full `sagan.models.Generator` (attention maps included).
+What is logged (pipelines/model_format.py): a pyfunc that draws PNGs (`mlflow models serve`,
+`mlflow.pyfunc.load_model`: class_id, seed, truncation -> image bytes), a pt2 graph of the
+generator with spectral norm baked in (`mlflow.pytorch.load_model` gives a module taking z, and
+y when conditional), and its exact state dict and model config, from which
+`load_registered_generator` rebuilds the full `sagan.models.Generator` (attention maps
+included).
 """
 
 from __future__ import annotations
 
-import copy
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
-import yaml
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
-from mlflow.types import Schema, TensorSpec
 
+from pipelines import model_format
+from pipelines.model_format import MODEL_CONFIG_FILE, MODEL_STATE_FILE
+from pipelines.png_model import generator_from_files
 from pipelines.tracking import TrackingError
-from sagan.config import Config, ModelConfig, config_from_dict
-from sagan.layers import refresh_spectral_norm
+from sagan.config import Config, ModelConfig
 from sagan.models import Generator
 
-MODEL_STATE_FILE = "sagan_generator.pt"
-MODEL_CONFIG_FILE = "sagan_model.yaml"
-
-
-class _Sampler(torch.nn.Module):
-    """What is exported: (z, y) -> images, for conditional generators; z -> images otherwise."""
-
-    def __init__(self, G: Generator):
-        super().__init__()
-        self.G = G
-
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.G(z, y)
-
-
-def _export_copy(G: Generator) -> Generator:
-    """Eval-mode copy with spectral norm baked into plain weights (refreshed first)."""
-    G = copy.deepcopy(G).cpu()
-    refresh_spectral_norm(G)
-    G.eval()
-    for m in G.modules():
-        if torch.nn.utils.parametrize.is_parametrized(m, "weight"):
-            torch.nn.utils.parametrize.remove_parametrizations(m, "weight",
-                                                               leave_parametrized=True)
-    return G
+__all__ = ["MODEL_CONFIG_FILE", "MODEL_STATE_FILE", "describe_version", "load_registered_generator",
+           "log_generator"]
 
 
 def log_generator(uri: str, run_id: str, G_state: dict[str, torch.Tensor], model_cfg: ModelConfig,
                   registered_name: str, fid: float | None = None, step: int | None = None,
                   aliases: tuple[str, ...] = ()) -> str:
-    """Log the EMA generator as an MLflow model (pt2 graph + signature + input example, plus
-    the exact state_dict and model config as extra files), register it, set aliases, and
-    move `champion` to it when its FID beats the current champion's. Returns the version.
+    """Log the EMA generator as an MLflow model (a PNG-drawing pyfunc and a pt2 graph, plus the
+    exact state_dict and model config: pipelines/model_format.py), register it, set aliases,
+    and move `champion` to it when its FID beats the current champion's. Returns the version.
 
     `latest` is not set by us: MLflow reserves that alias name and resolves
     `models:/NAME@latest` to the newest version itself, so every registration is `latest`."""
-    G = Generator(model_cfg)
-    G.load_state_dict(G_state)
-    sampler = _Sampler(_export_copy(G)).eval()
-    n = 2
-    z = torch.randn(n, model_cfg.z_dim)
-    inputs = [TensorSpec(np.dtype(np.float32), (-1, model_cfg.z_dim), "z")]
-    example: tuple[torch.Tensor, ...] = (z,)
-    if model_cfg.num_classes > 0:
-        example = (z, torch.arange(n) % model_cfg.num_classes)
-        inputs.append(TensorSpec(np.dtype(np.int64), (-1,), "y"))
-    s = model_cfg.image_size
-    signature = ModelSignature(
-        inputs=Schema(inputs),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model_cfg.channels, s, s))]))
     mlflow.set_tracking_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        state_path = Path(tmp) / MODEL_STATE_FILE
-        torch.save(G_state, state_path)
-        cfg_path = Path(tmp) / MODEL_CONFIG_FILE
-        cfg_path.write_text(yaml.safe_dump(asdict(model_cfg), sort_keys=False))
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                sampler, name="generator", signature=signature, input_example=example,
-                extra_files=[str(state_path), str(cfg_path)],
-                registered_model_name=registered_name,
-                metadata={"sagan_model": asdict(model_cfg)})
+    with mlflow.start_run(run_id=run_id):
+        info = Model.log(None, name="generator", flavor=model_format, flavor_name="python_function",
+                         registered_model_name=registered_name,
+                         metadata={"sagan_model": asdict(model_cfg)},
+                         generator_state=G_state, model_cfg=model_cfg)
     version = str(info.registered_model_version)
     client = MlflowClient(uri)
     if fid is not None:
@@ -177,8 +133,5 @@ def load_registered_generator(model_uri: str, device: str | torch.device = "cpu"
     if not state_files or not cfg_files:
         raise TrackingError(f"model '{model_uri}': not a SAGAN generator (no {MODEL_STATE_FILE} "
                             f"/ {MODEL_CONFIG_FILE} in its files)")
-    model_cfg = config_from_dict({"model": yaml.safe_load(cfg_files[0].read_text())}).model
-    G = Generator(model_cfg)
-    G.load_state_dict(torch.load(state_files[0], map_location="cpu", weights_only=True))
-    refresh_spectral_norm(G)
-    return G.to(device).eval(), model_cfg
+    G = generator_from_files(state_files[0], cfg_files[0], device)
+    return G, G.cfg

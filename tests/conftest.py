@@ -22,4 +22,5 @@ pytest_plugins: list[str] = [
     "tests.fixtures.s3",
     "tests.fixtures.fashion",
     "tests.fixtures.inception",
+    "tests.fixtures.champion",
 ]

@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 E2E = "tests/test_train_e2e.py"
+SERVE_PYFUNC = "tests/test_serve_pyfunc.py"
+SERVE_RAY = "tests/test_serve_ray.py"
 COVERAGE = {
     "make quickstart":
         "tests/test_infra.py::test_quickstart_trains_and_registers_a_model",
@@ -57,6 +59,18 @@ COVERAGE = {
         f"{E2E}::test_job_trains_logs_and_registers",
     "infra/local/down":
         "tests/test_infra.py::test_up_healthy_up_again_down_leaves_nothing",
+    "mlflow models serve -m models:/sagan-fashion-quickstart@champion --env-manager local "
+    "-p 5001":
+        f"{SERVE_PYFUNC}::test_readme_mlflow_models_serve_draws_pngs",
+    "curl -s localhost:5001/invocations -H 'Content-Type: application/json' -d "
+    "'{\"dataframe_records\": [{\"class_id\": 3, \"seed\": 7, \"truncation\": 0.7}]}'":
+        f"{SERVE_PYFUNC}::test_readme_mlflow_models_serve_draws_pngs",
+    "serve run pipelines.serve:app model=models:/sagan-fashion-quickstart@champion":
+        f"{SERVE_RAY}::test_readme_serve_run_app_builder",
+    "curl -s 'localhost:8000/sample?class_id=3&seed=7&truncation=0.7' -o sample.png":
+        f"{SERVE_RAY}::test_sample_and_grid",
+    "curl -s 'localhost:8000/grid?classes=0,3,7&n=8' -o grid.png":
+        f"{SERVE_RAY}::test_sample_and_grid",
 }
 DOC_ONLY = {
     "make test": "runs this test suite itself (CI runs it as .ci/run)",
