@@ -14,7 +14,6 @@ too. Writes bench/results/data_foreign.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -97,6 +96,7 @@ def time_side(manifest, batch_size: int, batches: int) -> tuple[float, float, in
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from bench.timing import write_json
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="sagan-bench-foreign-") as tmp:
         sides = write_sides(Path(tmp), args.images, args.sizes)
@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
               "batch_size": args.batch_size, "repeats": args.repeats, "results": results,
               "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "load_avg_1m": round(os.getloadavg()[0], 2)}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, report)}")
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import sys
@@ -73,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
 
+    from bench.timing import write_json
     from pipelines.ray_tasks import ray_map
     from sagan.data import prepare_dataset
 
@@ -112,12 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         ray.shutdown()
     report = {"benchmark": "prepare_scaling", "cases": results,
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "load_avg": os.getloadavg()},
+              "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                       "load_avg_1m": round(os.getloadavg()[0], 2)},
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, report)}")
     return 0
 
 
