@@ -156,6 +156,12 @@ def test_undecodable_images_and_cut_shards_are_skipped_and_counted(tmp_path):
     assert m.total == 25
     loader = eval_loader(None, 8, manifest=m.bind(32, 3))
     assert sum(x.shape[0] for x, _ in loader) == 23 and loader.stats.skipped_samples == 2
+    # a shard changed after indexing fails data.verify_sha256 (the index's checksum)
+    blob = bytearray((tmp_path / "ds-train-000001.tar").read_bytes())
+    blob[700] ^= 0xFF
+    (tmp_path / "ds-train-000001.tar").write_bytes(bytes(blob))
+    loader = eval_loader(None, 8, manifest=m.bind(32, 3), verify_sha256=True)
+    assert sum(x.shape[0] for x, _ in loader) == 13 and loader.stats.skipped_shards == 1
     # a shard cut after indexing: the per-shard count catches what tarfile does not report
     data = (tmp_path / "ds-train-000000.tar").read_bytes()
     (tmp_path / "ds-train-000000.tar").write_bytes(data[: len(data) // 2])
