@@ -113,7 +113,9 @@ class Manifest:
         """Stable sha256 of the content (not the location): a cache key for real-image
         statistics, unchanged when the same shards are copied elsewhere."""
         content = self.to_dict()
-        content.pop("shard_base", None)  # the same shards indexed elsewhere hash the same
+        if self.index is not None:  # the same shards indexed elsewhere hash the same; how they
+            content.pop("shard_base")  # are fitted to image_size is part of what they deliver
+            content["index"] = {**self.index, "spec": None, "fit": self.fit}
         canon = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
 
@@ -151,8 +153,9 @@ class Manifest:
                     or not isinstance(s.get("sha256"), str):
                 raise bad(f"shards[{i}]", "must be {name: str, samples: int >= 0, sha256: str}")
             # an index may name shards in sub-directories of shard_base (brace lists can span them)
-            parts = s["name"].split("/") if d.get("format") == INDEX_FORMAT else [s["name"]]
-            if any(p in ("", ".", "..") for p in parts) or (len(parts) == 1 and "/" in s["name"]):
+            parts = s["name"].split("/")
+            if any(p in ("", ".", "..") for p in parts) or \
+                    (len(parts) > 1 and d.get("format") != INDEX_FORMAT):
                 raise bad(f"shards[{i}].name", f"must be a plain file name, got {s['name']!r}")
             shards.append(ShardInfo(s["name"], s["samples"], s["sha256"]))
         if len({s.name for s in shards}) != len(shards):
