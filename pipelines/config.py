@@ -68,6 +68,15 @@ class TrackingConfig:
     registered_model: str = "sagan-generator"
     # seconds between samples of MLflow's system-metrics monitor (one per node); 0: off
     system_metrics_every: float = 10.0
+    # Tracking is a side channel (pipelines/tracking_queue.py): the step loop never waits on
+    # MLflow. How long the end of a run (rank 0's queued metrics, registering the model) waits
+    # for an unreachable server before it ends with the checkpoint saved and a command to
+    # register it later; images queued while the server is down, beyond which the oldest are
+    # dropped (counted in `dropped_images`); where unsent metrics are kept meanwhile ("": the
+    # system temp dir, on the node of rank 0).
+    wait_s: float = 600.0
+    max_queued_images: int = 64
+    spill_dir: str = ""
 
 
 @dataclass
@@ -107,6 +116,9 @@ class PipelineConfig(Config):
                 f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {c.ray_log_level!r}")
         require(self.tracking.system_metrics_every >= 0, "tracking.system_metrics_every",
                 "must be >= 0 seconds (0: off)")
+        require(self.tracking.wait_s >= 0, "tracking.wait_s", "must be >= 0 seconds")
+        require(self.tracking.max_queued_images >= 0, "tracking.max_queued_images",
+                "must be >= 0")
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None

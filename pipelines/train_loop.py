@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,7 +212,22 @@ def _system_metrics(session: Session, cfg: PipelineConfig, tracking_uri: str | N
     try:
         yield
     finally:
-        monitor.finish()
+        # finish() flushes through MLflow's blocking client: bounded, so a server that is down
+        # at the end cannot hold the worker (its samples are the only thing it can cost)
+        stopper = threading.Thread(target=monitor.finish, daemon=True)
+        stopper.start()
+        stopper.join(10.0)
+
+
+@contextlib.contextmanager
+def _closing(logger: Any, wait_s: float) -> Iterator[None]:
+    """Drain rank 0's tracking queue when the loop ends, waiting at most `wait_s` for MLflow
+    (what is left stays in the spill file; the queue prints how to send it)."""
+    try:
+        yield
+    finally:
+        if logger is not None:
+            logger.close(wait_s)
 
 
 def _quiet_report_dumps() -> None:
@@ -277,11 +293,15 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
 
     logger = None
     if rank == 0 and tracking_uri and run_id:
-        from pipelines.tracking import RunLogger
+        from pipelines.tracking_queue import TrackingQueue
 
-        logger = RunLogger(tracking_uri, run_id)
+        # metrics and images go through a queue: the step loop never waits on MLflow
+        logger = TrackingQueue(tracking_uri, run_id, cfg.tracking.spill_dir or
+                               Path(tempfile.gettempdir()) / "sagan-mlflow-spill",
+                               max_images=cfg.tracking.max_queued_images)
 
-    with staged as batches, _system_metrics(session, cfg, tracking_uri, run_id):
+    with staged as batches, _system_metrics(session, cfg, tracking_uri, run_id), \
+            _closing(logger, cfg.tracking.wait_s):
         last_time, last_step = time.perf_counter(), trainer.step
         start_time, start_step = last_time, last_step
         while trainer.step < t.steps:
