@@ -187,3 +187,59 @@ def test_tracking_fields_bad_values_one_line_naming_the_field():
         with pytest.raises(ConfigError) as err:
             load_run_config(None, [override])
         assert field in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_mlflow_down_at_the_end_run_ends_with_checkpoint_and_commands(local_stack, stack_shards,
+                                                                      tmp_path):
+    """MLflow SIGKILLed mid-run and still down when training ends: rank 0 waits
+    tracking.wait_s with a "waiting for MLflow at URL (down since ...)" line, keeps its unsent
+    metrics in a spill file; the driver waits as long, then ends (exit 3) with the checkpoint
+    saved and one line naming the command that registers it. With the server back, the two
+    printed commands give a FINISHED run, a registered model and every step exactly once."""
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.fixtures.stack import ROOT
+
+    steps, name = 40, "outage-mlflow-end"
+    driver = start_driver(local_stack, [
+        "--config", "configs/quickstart.yaml", *JOB_TINY, f"data.path={stack_shards}",
+        f"train.steps={steps}", "train.log_every=1", "train.ckpt_every=20",
+        "train.sample_every=0", "tracking.system_metrics_every=0", "tracking.wait_s=12",
+        f"tracking.spill_dir={tmp_path / 'spill'}", f"train.storage_path={tmp_path / 'runs'}",
+        f"train.run_name={name}"], env=SHORT_RETRY)
+    try:
+        wait_step(driver, 10, 300)
+        kill_mlflow(local_stack)
+        rc = driver.wait(300)
+    finally:
+        if driver.proc.poll() is None:
+            driver.proc.kill()
+        up(local_stack.config, quiet=True)
+    time.sleep(0.3)
+    out = driver.text
+    assert rc == 3, out[-5000:]
+    assert re.search(r"waiting for MLflow at \S+ \(down since \d\d:\d\d:\d\d UTC\) to send",
+                     out), out[-3000:]
+    assert re.search(r"waiting for MLflow at \S+ \(down since .*\) to register the model", out)
+    replay = re.search(r"send them later with: (python -m pipelines\.tracking_queue .*)$", out,
+                       re.M)
+    register = re.search(r"^error: MLflow at .* unreachable .*register it later with: "
+                         r"(python pipelines/register\.py .*)$", out, re.M)
+    assert replay and register, out[-3000:]
+    assert any(f"step {steps}/{steps}" in line for line in driver.lines)
+
+    for command in (replay.group(1), register.group(1)):
+        proc = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT,
+                              env=local_stack.environ(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-3000:])
+    (run,) = runs_named(local_stack, name)
+    assert run.info.status == "FINISHED"
+    client = MlflowClient(local_stack.mlflow_uri)
+    history = client.get_metric_history(run.info.run_id, "loss_d")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))
+    versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    assert len(versions) == 1 and versions[0].tags.get("step") == str(steps)
