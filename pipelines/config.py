@@ -39,6 +39,9 @@ class ClusterConfig:
     shared_storage: bool = False  # a local storage_path that every node mounts (NFS, ...)
     run_name: str = "sagan"  # same name (and storage) = continue the run
     keep_checkpoints: int = 3
+    # how long rank 0 waits for s3:// checkpoint storage that does not answer before uploading
+    # a checkpoint (training pauses meanwhile, one line a minute; ray_cluster.wait_for_storage)
+    storage_wait_s: float = 600.0
     # Ray Train's own console log level (RunConfig.logging_config) for its `ray.train` loggers:
     # ERROR also hides its harmless "Failed to send resource request ... GetTimeoutError"
     # warnings on busy machines, and its INFO lines (worker-group starts, retry decisions).
@@ -111,6 +114,7 @@ class PipelineConfig(Config):
         require(bool(c.run_name) and "/" not in c.run_name, "cluster.run_name",
                 "must be a non-empty name without '/'")
         require(c.keep_checkpoints >= 1, "cluster.keep_checkpoints", "must be >= 1")
+        require(c.storage_wait_s >= 0, "cluster.storage_wait_s", "must be >= 0 seconds")
         require(c.ray_log_level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
                 "cluster.ray_log_level",
                 f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {c.ray_log_level!r}")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pipelines.config import PipelineConfig, run_config_from_dict
+from pipelines.ray_cluster import wait_for_storage
 from pipelines.session import Session
 from sagan.checkpoint import CheckpointError, load_checkpoint, restore_trainer, save_checkpoint
 from sagan.prefetch import Prefetcher
@@ -345,6 +346,8 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
             if do_ckpt and rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer)
+                    wait_for_storage(cfg.cluster.storage_path, cfg.cluster.storage_wait_s,
+                                     f"the step-{step} checkpoint", lambda m: _say(f"[rank 0] {m}"))
                     session.report(values, checkpoint_dir=tmp)
             else:
                 session.report(values)
