@@ -101,7 +101,7 @@ class TrackingQueue:
         self._inflight: list[Metric] = []
         self._replaying: list[Metric] = []
         self._images: deque[tuple[str, int, int, Any]] = deque()
-        self._closing = False
+        self._closing = self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
         self._thread.start()
 
@@ -144,6 +144,7 @@ class TrackingQueue:
         if not self._thread.is_alive():
             return True
         with self._cond:
+            self._abandoned = True  # the writer stops: the spill file is the user's now
             self._spill(self._replaying + self._inflight + self._scalars)
             self._scalars = []
             self.dropped_images += len(self._images)
@@ -179,7 +180,7 @@ class TrackingQueue:
             with self._cond:
                 while not self._pending() and not self._closing:
                     self._cond.wait()
-                if not self._pending():
+                if self._abandoned or not self._pending():
                     return
             try:
                 if not server_up(self.uri):
@@ -193,6 +194,8 @@ class TrackingQueue:
             except Exception as exc:  # an outage: keep everything, probe again later
                 self._went_down(exc)
                 with self._cond:
+                    if self._abandoned:
+                        return
                     self._cond.wait(delay)
                 delay = min(2 * delay, 10.0)
                 continue

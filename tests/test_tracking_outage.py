@@ -178,12 +178,14 @@ def test_queue_never_blocks_and_spills_what_it_cannot_send(tmp_path, monkeypatch
     assert sorted(m.step for m in history) == list(range(1, 101))
 
 
-def test_tracking_fields_bad_values_one_line_naming_the_field():
+def test_outage_fields_bad_values_one_line_naming_the_field():
     from pipelines.config import load_run_config
     from sagan.config import ConfigError
 
     for override, field in (("tracking.wait_s=-1", "tracking.wait_s"),
-                            ("tracking.max_queued_images=-2", "tracking.max_queued_images")):
+                            ("tracking.max_queued_images=-2", "tracking.max_queued_images"),
+                            ("cluster.storage_wait_s=-1", "cluster.storage_wait_s"),
+                            ("data.max_outage_s=0", "data.max_outage_s")):
         with pytest.raises(ConfigError) as err:
             load_run_config(None, [override])
         assert field in str(err.value) and "\n" not in str(err.value)
