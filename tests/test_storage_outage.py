@@ -74,6 +74,7 @@ def test_s3_down_over_a_minute_training_pauses_and_loses_nothing(local_stack, st
     finally:
         if driver.proc.poll() is None:
             driver.proc.kill()
+        up(local_stack.config, quiet=True)  # never leave the shared stack without S3
     time.sleep(0.3)
     out = driver.text
     assert rc == 0, out[-5000:]

@@ -99,6 +99,7 @@ def test_mlflow_sigkilled_training_goes_on_and_nothing_is_lost(local_stack, stac
     finally:
         if driver.proc.poll() is None:
             driver.proc.kill()
+        up(local_stack.config, quiet=True)  # never leave the shared stack without MLflow
     time.sleep(0.3)
     out = driver.text
     assert rc == 0, out[-5000:]
