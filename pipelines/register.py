@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         uri = args.tracking_uri or resolve_tracking_uri(cfg)
         check_reachable(uri)
     except (CheckpointError, ConfigError, TrackingError, OSError) as exc:
-        print(f"error: checkpoint '{args.checkpoint}': {exc}".splitlines()[0], file=sys.stderr)
+        where = "" if isinstance(exc, CheckpointError) else f"checkpoint '{args.checkpoint}': "
+        print(f"error: {where}{exc}".splitlines()[0], file=sys.stderr)
         return 2
     run_id, _ = find_or_create_run(cfg, uri)
     metrics = dict(MlflowClient(uri).get_run(run_id).data.metrics)

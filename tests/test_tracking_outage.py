@@ -246,3 +246,15 @@ def test_mlflow_down_at_the_end_run_ends_with_checkpoint_and_commands(local_stac
     assert sorted(m.step for m in history) == list(range(1, steps + 1))
     versions = client.search_model_versions(f"run_id = '{run.info.run_id}'")
     assert len(versions) == 1 and versions[0].tags.get("step") == str(steps)
+
+
+def test_later_commands_bad_input_one_line(tmp_path, capsys):
+    """The two commands a run prints when MLflow stayed down: a wrong path is one line, exit 2."""
+    from pipelines import register, tracking_queue
+
+    assert register.main([str(tmp_path / "nope")]) == 2
+    assert tracking_queue.main([str(tmp_path / "nope.jsonl"), "--tracking-uri",
+                                "http://127.0.0.1:1", "--run-id", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err), err
+    assert "nope/checkpoint.pt" in err[0] and "spill_file" in err[1]
