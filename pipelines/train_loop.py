@@ -223,12 +223,17 @@ def _system_metrics(session: Session, cfg: PipelineConfig, tracking_uri: str | N
 @contextlib.contextmanager
 def _closing(logger: Any, wait_s: float) -> Iterator[None]:
     """Drain rank 0's tracking queue when the loop ends, waiting at most `wait_s` for MLflow
-    (what is left stays in the spill file; the queue prints how to send it)."""
+    (what is left stays in the spill file; the queue prints how to send it). When the loop
+    raises, only briefly: Ray Train's restart should not wait on the tracking server, and the
+    restarted rank 0 replays the spill file (on the same node)."""
     try:
         yield
-    finally:
+    except BaseException:
         if logger is not None:
-            logger.close(wait_s)
+            logger.close(min(wait_s, 5.0))
+        raise
+    if logger is not None:
+        logger.close(wait_s)
 
 
 def _quiet_report_dumps() -> None:
