@@ -26,9 +26,10 @@ from infra.local.processes import read_pid_records
 from infra.local.stack import up
 from tests.fixtures.stack import JOB_TINY, Driver, runs_named, start_driver
 
+BEFORE_S = 15.0
 STEP = re.compile(r"\bstep (\d+)/(\d+) ")
 SHORT_RETRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-OUTAGE_S = float(os.environ.get("SAGAN_TEST_MLFLOW_OUTAGE_S", "45"))
+OUTAGE_S = float(os.environ.get("SAGAN_TEST_MLFLOW_OUTAGE_S", "35"))
 
 
 def step_times(driver: Driver) -> list[tuple[float, int]]:
@@ -80,7 +81,7 @@ def image_steps(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
 @pytest.mark.slow
 def test_mlflow_sigkilled_training_goes_on_and_nothing_is_lost(local_stack, stack_shards,
                                                                tmp_path):
-    steps, sample_every, name = 220, 10, "outage-mlflow"
+    steps, sample_every, name = 160, 10, "outage-mlflow"
     driver = start_driver(local_stack, [
         "--config", "configs/quickstart.yaml", *JOB_TINY, f"data.path={stack_shards}",
         f"train.steps={steps}", "train.log_every=1", "train.ckpt_every=100",
@@ -89,7 +90,7 @@ def test_mlflow_sigkilled_training_goes_on_and_nothing_is_lost(local_stack, stac
         f"train.run_name={name}"], env=SHORT_RETRY)
     try:
         wait_step(driver, 20, 300)
-        time.sleep(20)  # the rate before the outage, over 20 s
+        time.sleep(BEFORE_S)  # the rate before the outage
         t_kill = time.monotonic()
         kill_mlflow(local_stack)
         time.sleep(OUTAGE_S)
@@ -105,7 +106,7 @@ def test_mlflow_sigkilled_training_goes_on_and_nothing_is_lost(local_stack, stac
     assert rc == 0, out[-5000:]
 
     points = step_times(driver)
-    before = steps_between(points, t_kill - 20, t_kill) / 20
+    before = steps_between(points, t_kill - BEFORE_S, t_kill) / BEFORE_S
     during = steps_between(points, t_kill, t_back)
     print(f"\nsteps/s before the outage {before:.2f}; steps during the {OUTAGE_S:.0f} s outage "
           f"{during} ({during / OUTAGE_S:.2f}/s)")
@@ -206,15 +207,15 @@ def test_mlflow_down_at_the_end_run_ends_with_checkpoint_and_commands(local_stac
 
     from tests.fixtures.stack import ROOT
 
-    steps, name = 40, "outage-mlflow-end"
+    steps, name = 24, "outage-mlflow-end"
     driver = start_driver(local_stack, [
         "--config", "configs/quickstart.yaml", *JOB_TINY, f"data.path={stack_shards}",
-        f"train.steps={steps}", "train.log_every=1", "train.ckpt_every=20",
-        "train.sample_every=0", "tracking.system_metrics_every=0", "tracking.wait_s=12",
+        f"train.steps={steps}", "train.log_every=1", "train.ckpt_every=12",
+        "train.sample_every=0", "tracking.system_metrics_every=0", "tracking.wait_s=8",
         f"tracking.spill_dir={tmp_path / 'spill'}", f"train.storage_path={tmp_path / 'runs'}",
         f"train.run_name={name}"], env=SHORT_RETRY)
     try:
-        wait_step(driver, 10, 300)
+        wait_step(driver, 8, 300)
         kill_mlflow(local_stack)
         rc = driver.wait(300)
     finally:
