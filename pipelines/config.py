@@ -39,6 +39,9 @@ class ClusterConfig:
     shared_storage: bool = False  # a local storage_path that every node mounts (NFS, ...)
     run_name: str = "sagan"  # same name (and storage) = continue the run
     keep_checkpoints: int = 3
+    # how long rank 0 waits for s3:// checkpoint storage that does not answer before uploading
+    # a checkpoint (training pauses meanwhile, one line a minute; ray_cluster.wait_for_storage)
+    storage_wait_s: float = 600.0
     # Ray Train's own console log level (RunConfig.logging_config) for its `ray.train` loggers:
     # ERROR also hides its harmless "Failed to send resource request ... GetTimeoutError"
     # warnings on busy machines, and its INFO lines (worker-group starts, retry decisions).
@@ -68,6 +71,15 @@ class TrackingConfig:
     registered_model: str = "sagan-generator"
     # seconds between samples of MLflow's system-metrics monitor (one per node); 0: off
     system_metrics_every: float = 10.0
+    # Tracking is a side channel (pipelines/tracking_queue.py): the step loop never waits on
+    # MLflow. How long the end of a run (rank 0's queued metrics, registering the model) waits
+    # for an unreachable server before it ends with the checkpoint saved and a command to
+    # register it later; images queued while the server is down, beyond which the oldest are
+    # dropped (counted in `dropped_images`); where unsent metrics are kept meanwhile ("": the
+    # system temp dir, on the node of rank 0).
+    wait_s: float = 600.0
+    max_queued_images: int = 64
+    spill_dir: str = ""
 
 
 @dataclass
@@ -102,11 +114,15 @@ class PipelineConfig(Config):
         require(bool(c.run_name) and "/" not in c.run_name, "cluster.run_name",
                 "must be a non-empty name without '/'")
         require(c.keep_checkpoints >= 1, "cluster.keep_checkpoints", "must be >= 1")
+        require(c.storage_wait_s >= 0, "cluster.storage_wait_s", "must be >= 0 seconds")
         require(c.ray_log_level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
                 "cluster.ray_log_level",
                 f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {c.ray_log_level!r}")
         require(self.tracking.system_metrics_every >= 0, "tracking.system_metrics_every",
                 "must be >= 0 seconds (0: off)")
+        require(self.tracking.wait_s >= 0, "tracking.wait_s", "must be >= 0 seconds")
+        require(self.tracking.max_queued_images >= 0, "tracking.max_queued_images",
+                "must be >= 0")
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None

@@ -19,8 +19,11 @@ from pipelines.config import PipelineConfig
 from sagan.config import to_dict
 
 # Endpoint and region variables the workers need to reach the same S3 (never credentials: those
-# come from each node's own boto3 chain).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+# come from each node's own boto3 chain), and MLflow's HTTP retry budget, so the workers' calls
+# to the tracking server retry as the driver's do.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT")
 
 
 class TrainingStopped(RuntimeError):
@@ -130,9 +133,8 @@ def register(cfg: PipelineConfig, result: Any, tracking_uri: str, run_id: str,
              datasets: dict[str, Any] | None = None) -> tuple[int, str]:
     """Log the final checkpoint's EMA generator as an MLflow model, register and describe it
     (pipelines/registry.py); returns (its step, the model version)."""
-    from pipelines.registry import describe_version, log_generator
     from pipelines.train_loop import CHECKPOINT_FILE
-    from sagan.checkpoint import CheckpointError, ema_weights, load_checkpoint
+    from sagan.checkpoint import CheckpointError, load_checkpoint
 
     try:
         with result.checkpoint.as_directory() as d:
@@ -141,14 +143,49 @@ def register(cfg: PipelineConfig, result: Any, tracking_uri: str, run_id: str,
         raise TrainingStopped(
             f"the final checkpoint {result.checkpoint.path} is unusable ({exc}); re-run the "
             "same command to redo the steps since the last good checkpoint") from None
-    step, fid = int(state["step"]), (result.metrics or {}).get("fid")
+    return register_state(cfg, state, result.metrics or {}, tracking_uri, run_id, datasets)
+
+
+def register_state(cfg: PipelineConfig, state: dict, metrics: dict, tracking_uri: str,
+                   run_id: str, datasets: dict[str, Any] | None = None) -> tuple[int, str]:
+    """Register a loaded checkpoint's EMA generator (also `pipelines/register.py`, which
+    registers a checkpoint from storage after MLflow was down at the end of a run)."""
+    from pipelines.registry import describe_version, log_generator
+    from sagan.checkpoint import ema_weights
+
+    step, fid = int(state["step"]), metrics.get("fid")
     name = cfg.tracking.registered_model
     version = log_generator(tracking_uri, run_id, ema_weights(state), cfg.model, name,
                             fid=float(fid) if fid is not None else None, step=step)
-    describe_version(tracking_uri, name, version, cfg, step, result.metrics or {}, datasets)
+    describe_version(tracking_uri, name, version, cfg, step, metrics, datasets)
     print(f"registered models:/{name}/{version} (now models:/{name}@latest) from step {step}",
           flush=True)
     return step, version
+
+
+def checkpoint_uri(cfg: PipelineConfig, result: Any) -> str:
+    """Where the final checkpoint lies, as `pipelines/register.py` takes it (Ray gives an
+    s3:// path without its scheme when the run's storage has its own filesystem)."""
+    path = result.checkpoint.path
+    if cfg.cluster.storage_path.startswith("s3://") and not path.startswith("s3://"):
+        return "s3://" + path
+    return path
+
+
+def _server_back(cfg: PipelineConfig, result: Any, tracking_uri: str, run_id: str) -> None:
+    """Wait (at most tracking.wait_s) for MLflow before the end-of-run calls; when it stays
+    down, stop with the checkpoint saved and the command that registers it later."""
+    from pipelines.tracking_queue import wait_for_server
+
+    wait_s = cfg.tracking.wait_s
+    if wait_for_server(tracking_uri, wait_s, "register the model and end the run",
+                       say=lambda line: print(line, flush=True)):
+        return
+    where = checkpoint_uri(cfg, result) if result.checkpoint is not None else None
+    later = (f"; the checkpoint is saved at {where}; register it later with: python "
+             f"pipelines/register.py {where} --tracking-uri {tracking_uri}") if where else ""
+    raise TrainingStopped(f"MLflow at {tracking_uri} unreachable for {wait_s:.0f} s "
+                          f"(tracking.wait_s) at the end of run {run_id}{later}", 3)
 
 
 def run_training(cfg: PipelineConfig, tracking_uri: str | None, register_model: bool = True,
@@ -169,6 +206,8 @@ def run_training(cfg: PipelineConfig, tracking_uri: str | None, register_model: 
         print(f"MLflow run {run_id} ({'continuing' if resumed else 'new'}) at {tracking_uri}",
               flush=True)
     result = fit(cfg, tracking_uri, run_id, callbacks)
+    if tracking_uri and run_id:
+        _server_back(cfg, result, tracking_uri, run_id)
     metrics = dict(result.metrics or {})
     step, version = int(metrics.get("step", 0)), None
     if register_model and tracking_uri and run_id and result.checkpoint is not None:

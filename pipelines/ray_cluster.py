@@ -81,6 +81,45 @@ def storage_location(path: str) -> tuple[str, object | None]:
                                                 region=region)
 
 
+def wait_for_storage(storage_path: str, timeout_s: float, what: str, say) -> float:
+    """Before a checkpoint upload to `s3://` storage on a custom endpoint: wait until the
+    endpoint answers HTTP at all, at most `timeout_s`, with one line a minute; returns the
+    seconds waited. Why: the upload (pyarrow, inside Ray Train) fails or, worse, loses parts
+    silently when the server is down (docs/RELIABILITY.md), and a failed report is a worker
+    failure that redoes the steps since the previous checkpoint. Waiting pauses training at
+    the checkpoint instead; the previous checkpoint stays as it was. After `timeout_s` the
+    upload is tried anyway and fails as before (Ray Train retries from the previous one)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    endpoint = resolve_endpoint(None) if storage_path.startswith("s3://") else None
+    if not endpoint:
+        return 0.0
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()  # noqa: S310 - user's endpoint
+        except urllib.error.HTTPError:  # 403 and the like: the server is there
+            return True
+        except (OSError, ValueError):
+            return False
+        return True
+
+    start, noted = time.monotonic(), -1
+    since = time.strftime("%H:%M:%S UTC", time.gmtime())
+    while not answers():
+        waited = time.monotonic() - start
+        if waited >= timeout_s:
+            break
+        if int(waited // 60) > noted:
+            noted = int(waited // 60)
+            say(f"checkpoint storage {endpoint} unreachable (down since {since}); waiting to "
+                f"upload {what} (up to cluster.storage_wait_s={timeout_s:.0f} s)")
+        time.sleep(2.0)
+    return time.monotonic() - start
+
+
 def placeable_workers(cpus: float, gpus: float, placement: str) -> tuple[int, int]:
     """(how many workers of (cpus, gpus) the alive nodes can hold, how many nodes are alive),
     from each node's total resources; `strict_spread` puts at most one worker on a node."""

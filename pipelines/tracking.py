@@ -2,14 +2,14 @@
 
 Runs are found again by the tag `sagan.run_name`, so a re-submitted job with the same
 `cluster.run_name` continues the same MLflow run (one run per training, however many restarts it
-took). Models and the registry: pipelines/registry.py.
+took). What the step loop logs goes through pipelines/tracking_queue.py (never blocks on the
+server). Models and the registry: pipelines/registry.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -105,32 +105,6 @@ def find_or_create_run(cfg: PipelineConfig, uri: str, parent_run_id: str | None 
 
 def _param_value(v: Any) -> str:
     return str(v)[:6000]
-
-
-class RunLogger:
-    """Client-API logger for one existing run (no global active-run state in workers).
-
-    Steps already present in the run's history are not logged again, so a resumed run keeps one
-    continuous, duplicate-free metric history."""
-
-    def __init__(self, uri: str, run_id: str, probe_metric: str = "loss_d"):
-        self.client, self.run_id = MlflowClient(uri), run_id
-        history = self.client.get_metric_history(run_id, probe_metric)
-        self.last_logged = max((m.step for m in history), default=-1)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step <= self.last_logged:
-            return
-        ts = int(1000 * time.time())
-        batch = [mlflow.entities.Metric(k.replace("/", "."), float(v), ts, step)
-                 for k, v in metrics.items() if v == v and abs(v) != float("inf")]
-        self.client.log_batch(self.run_id, metrics=batch)
-
-    def log_image(self, image: Any, key: str, step: int) -> None:
-        """An image under `key` at `step`: the run page shows each key as an image chart with
-        a step slider (MLflow's image logging, not a loose artifact file)."""
-        if step > self.last_logged:
-            self.client.log_image(self.run_id, image, key=key, step=step)
 
 
 def system_metrics(uri: str, run_id: str, interval_s: float, node_id: str | None = None) -> Any:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from pipelines.config import PipelineConfig, run_config_from_dict
+from pipelines.ray_cluster import wait_for_storage
 from pipelines.session import Session
 from sagan.checkpoint import CheckpointError, load_checkpoint, restore_trainer, save_checkpoint
 from sagan.prefetch import Prefetcher
@@ -211,7 +213,27 @@ def _system_metrics(session: Session, cfg: PipelineConfig, tracking_uri: str | N
     try:
         yield
     finally:
-        monitor.finish()
+        # finish() flushes through MLflow's blocking client: bounded, so a server that is down
+        # at the end cannot hold the worker (its samples are the only thing it can cost)
+        stopper = threading.Thread(target=monitor.finish, daemon=True)
+        stopper.start()
+        stopper.join(10.0)
+
+
+@contextlib.contextmanager
+def _closing(logger: Any, wait_s: float) -> Iterator[None]:
+    """Drain rank 0's tracking queue when the loop ends, waiting at most `wait_s` for MLflow
+    (what is left stays in the spill file; the queue prints how to send it). When the loop
+    raises, only briefly: Ray Train's restart should not wait on the tracking server, and the
+    restarted rank 0 replays the spill file (on the same node)."""
+    try:
+        yield
+    except BaseException:
+        if logger is not None:
+            logger.close(min(wait_s, 5.0))
+        raise
+    if logger is not None:
+        logger.close(wait_s)
 
 
 def _quiet_report_dumps() -> None:
@@ -280,11 +302,15 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
 
     logger = None
     if rank == 0 and tracking_uri and run_id:
-        from pipelines.tracking import RunLogger
+        from pipelines.tracking_queue import TrackingQueue
 
-        logger = RunLogger(tracking_uri, run_id)
+        # metrics and images go through a queue: the step loop never waits on MLflow
+        logger = TrackingQueue(tracking_uri, run_id, cfg.tracking.spill_dir or
+                               Path(tempfile.gettempdir()) / "sagan-mlflow-spill",
+                               max_images=cfg.tracking.max_queued_images)
 
-    with staged as batches, _system_metrics(session, cfg, tracking_uri, run_id):
+    with staged as batches, _system_metrics(session, cfg, tracking_uri, run_id), \
+            _closing(logger, cfg.tracking.wait_s):
         last_time, last_step = time.perf_counter(), trainer.step
         start_time, start_step = last_time, last_step
         while trainer.step < t.steps:
@@ -328,6 +354,8 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
             if do_ckpt and rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
                     save_checkpoint(Path(tmp) / CHECKPOINT_FILE, trainer)
+                    wait_for_storage(cfg.cluster.storage_path, cfg.cluster.storage_wait_s,
+                                     f"the step-{step} checkpoint", lambda m: _say(f"[rank 0] {m}"))
                     session.report(values, checkpoint_dir=tmp)
             else:
                 session.report(values)

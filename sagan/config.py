@@ -75,6 +75,10 @@ class DataConfig:
     # the host->device copy and layout change overlap the previous step; 0 turns it off.
     prefetch: int = 2
     verify_sha256: bool = False
+    # How long a stream waits for an object store that does not answer at all (connection
+    # refused, timeouts) before the loader gives up with StorageUnreachable; meanwhile training
+    # pauses, with one line a minute, and nothing is skipped (docs/RELIABILITY.md).
+    max_outage_s: float = 300.0
     # Source used to prepare `path` on first use when it is a missing local directory.
     prepare_source: str | None = None
     # Shards written by others (`path` a brace list or a prefix of .tar files; docs/DATA.md):
@@ -270,6 +274,7 @@ def _validate(cfg: Config) -> None:
     require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     require(d.loader_workers >= 0, "data.loader_workers", "must be >= 0")
     require(d.prefetch >= 0, "data.prefetch", "must be >= 0")
+    require(d.max_outage_s > 0, "data.max_outage_s", f"must be > 0 seconds, got {d.max_outage_s}")
     require(bool(d.path), "data.path", "must not be empty")
     require(d.fit in FITS, "data.fit", f"must be one of {', '.join(FITS)}; got {d.fit!r}")
     require(d.image_key is None or (bool(d.image_key) and "." not in d.image_key),

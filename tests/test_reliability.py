@@ -144,6 +144,7 @@ def test_worker_sigkill_restarts_from_last_checkpoint(local_stack, stack_shards,
     title = Path(f"/proc/{victim}/cmdline").read_bytes()
     assert b"RayTrainWorker" in title and descends_from(victim, local_stack.pids["ray"])
     os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
     registered_at_kill = registered_step(run_dir)
 
     assert driver.wait() == 0, driver.text[-4000:]
@@ -160,8 +161,13 @@ def test_worker_sigkill_restarts_from_last_checkpoint(local_stack, stack_shards,
     assert registered_at_kill <= resumed_at <= reached < steps, (registered_at_kill,
                                                                  resumed_at, reached)
     assert reached - resumed_at <= every  # lost at most one checkpoint interval
+    # the stall: from the kill to the new group's first step (docs/RELIABILITY.md's table)
+    again = next(t for t, line in zip(driver.stamps, driver.lines, strict=False)
+                 if t > killed_at and (m := STEP_LINE.search(line))
+                 and int(m.group(1)) not in ranks.values())
     print(f"\nworker kill: rank 0 had finished step {reached} (checkpoint registered at step "
-          f"{registered_at_kill}); the new group resumed at step {resumed_at}")
+          f"{registered_at_kill}); the new group resumed at step {resumed_at}, training again "
+          f"{again - killed_at:.0f} s after the kill; {reached - resumed_at} steps redone")
     assert resumed_at % every == 0
 
     final = checkpoint_steps(run_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import http.client
+import logging
 import random
 import socket
 import threading
@@ -17,6 +18,8 @@ import urllib.error
 from dataclasses import dataclass
 
 from sagan.errors import one_line
+
+log = logging.getLogger(__name__)
 
 
 class _FixedMessage:
@@ -130,9 +133,20 @@ class Health:
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
         self.last_ok = time.monotonic()
+        self._noted = 0  # minutes of the current outage already reported
 
     def ok(self) -> None:
         self.last_ok = time.monotonic()
+        self._noted = 0
+
+    def waiting(self, where: str) -> None:
+        """One line a minute while the endpoint stays unreachable (training is paused)."""
+        idle = time.monotonic() - self.last_ok
+        if idle >= 60 * (self._noted + 1):
+            self._noted = int(idle // 60)
+            log.warning("storage unreachable for %.0f s while reading %s; waiting for it "
+                        "(gives up after data.max_outage_s=%.0f s)", idle, where,
+                        self.policy.max_outage_s)
 
     def check(self, where: str, exc: BaseException) -> None:
         idle = time.monotonic() - self.last_ok
@@ -184,6 +198,23 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionError | TimeoutError | socket.timeout):
         return True
     return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """The endpoint as a whole does not answer (refused, unreachable, connect timeout): not the
+    object's fault, so it is waited out (bounded by max_outage_s) instead of counted against
+    the shard's attempts."""
+    import botocore.exceptions as bexc
+    import urllib3.exceptions as u3exc
+
+    if isinstance(exc, bexc.EndpointConnectionError | bexc.ConnectTimeoutError
+                  | u3exc.NewConnectionError | u3exc.ConnectTimeoutError
+                  | ConnectionRefusedError):
+        return True
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, OSError):
+        return is_unreachable(exc.reason)
+    return isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH,
+                                                      errno.ENETUNREACH, errno.ENETDOWN)
 
 
 def is_fatal(exc: BaseException) -> bool:

@@ -189,7 +189,8 @@ def train_loader(data_cfg: Any, batch_size: int, rank: int = 0, world_size: int 
         raise DataError(f"batch_size must be > 0, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
-    policy = retry or DEFAULT_RETRY
+    policy = retry or dataclasses.replace(
+        DEFAULT_RETRY, max_outage_s=getattr(data_cfg, "max_outage_s", DEFAULT_RETRY.max_outage_s))
     m = _manifest_for(data_cfg, None, manifest, policy)
     shards = [s for s in m.shards if s.samples > 0]
     if not shards:

@@ -31,6 +31,7 @@ from .errors import (
     ShortRead,
     is_fatal,
     is_transient,
+    is_unreachable,
 )
 from .readahead import READ_CHUNK, ReadAhead
 
@@ -216,6 +217,12 @@ class _ResumableStream(io.RawIOBase):
             raise DataError(f"cannot read {self.url}: {one_line(exc, with_type=True)}") from None
         if not is_transient(exc):
             raise ShardReadError(f"{self.url}: {one_line(exc, with_type=True)}") from exc
+        if is_unreachable(exc):  # the whole endpoint is down: wait, skip nothing
+            self._health.check(self.url, exc)
+            self._health.waiting(self.url)
+            self._counters.add("retries")
+            time.sleep(self._policy.delay(self._policy.attempts))
+            return
         self._failures += 1
         if self._failures >= self._policy.attempts:
             raise ShardReadError(f"{self.url}: still failing after {self._failures} attempts "
