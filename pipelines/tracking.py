@@ -126,6 +126,11 @@ class RunLogger:
                  for k, v in metrics.items() if v == v and abs(v) != float("inf")]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Run tags (overwritable, unlike params: a resumed run may set them again)."""
+        self.client.log_batch(self.run_id, tags=[mlflow.entities.RunTag(k, str(v)[:5000])
+                                                 for k, v in tags.items()])
+
     def log_image(self, image: Any, key: str, step: int) -> None:
         """An image under `key` at `step`: the run page shows each key as an image chart with
         a step slider (MLflow's image logging, not a loose artifact file)."""
