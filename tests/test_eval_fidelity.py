@@ -223,3 +223,69 @@ def test_truncation_curve_writes_png_and_table(tmp_path: Path, inception_weights
     assert csv_lines[0].startswith("truncation,fid") and csv_lines[-1].startswith("none,")
     with Image.open(tmp_path / "curve" / "truncation_curve.png") as img:
         assert img.size[0] > 500 and img.size[1] > 300
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+@pytest.mark.slow
+def test_protocol_and_per_class_ifid_reach_the_run_and_the_model_version(
+        tmp_path: Path, inception_weights: Path, grey_shards,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A registered conditional generator evaluated through `models:/NAME/1` (sqlite MLflow,
+    as tests/test_visualize.py): the run has the protocol as params, the metrics and the
+    per-class iFID table; the version gets `eval.*` tags. Then the training path: the protocol
+    as run tags (what train_loop sets) reaches the version's tags and description."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import evaluate
+    from pipelines.registry import describe_version, log_generator
+    from sagan.models import Generator
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=exp) as run:
+        run_id = run.info.run_id
+    cfg = load_config(None, ["model.g_ch=8", "model.d_ch=8", "model.image_size=32",
+                             "model.g_attention=[16]", "model.d_attention=[]",
+                             "model.channels=1", "model.num_classes=3"])
+    torch.manual_seed(0)
+    G = Generator(cfg.model)
+    version = log_generator(uri, run_id, G.state_dict(), cfg.model, "tiny-gen", fid=1.0)
+    argv = ["--model", f"models:/tiny-gen/{version}", "--data", grey_shards.location,
+            "--num-samples", str(N), "--real-samples", str(N), "--batch-size", str(N),
+            "--metrics", "fid,prc,ifid", "--inception-weights", str(inception_weights),
+            "--cache-dir", str(tmp_path / "cache"), "--tracking-uri", uri, "--experiment", "t",
+            "--device", "cpu", "--no-progress"]
+    assert evaluate.main(argv) == 0, capsys.readouterr().err
+    client = MlflowClient(uri)
+    ev = [r for r in client.search_runs([exp]) if r.data.tags.get("sagan.kind") == "evaluation"]
+    assert len(ev) == 1
+    params, metrics = ev[0].data.params, ev[0].data.metrics
+    assert params["protocol.weights_fingerprint"] == E.weights_fingerprint(inception_weights)
+    assert params["protocol.real_count"] == str(N) and params["protocol.generated_count"] == str(N)
+    assert {"fid", "precision", "recall", "ifid", "ifid.0", "ifid.2"} <= set(metrics)
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=ev[0].info.run_id, artifact_path="ifid_per_class.json",
+        dst_path=str(tmp_path / "dl"))).read_text())
+    assert [row[0] for row in table["data"]] == [0, 1, 2]
+    assert table["data"][1][1] == pytest.approx(metrics["ifid.1"])
+    tags = client.get_model_version("tiny-gen", version).tags
+    assert tags["eval.protocol.id"] == params["protocol.id"]
+    assert float(tags["eval.recall"]) == pytest.approx(metrics["recall"], rel=1e-5)
+
+    # training: rank 0 sets the protocol as run tags, the driver describes the version
+    protocol = {k: v for k, v in params.items() if k.startswith("protocol.")}
+    client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in protocol.items()])
+    scores = {"fid": 40.0, "kid": 0.01, "precision": 0.6, "recall": 0.4, "ifid": 50.0,
+              "ifid/0": 45.0, "ifid/1": 50.0, "ifid/2": 55.0}
+    describe_version(uri, "tiny-gen", version, cfg, 10, scores)
+    mv = client.get_model_version("tiny-gen", version)
+    assert "PRECISION 0.6" in mv.description and "RECALL 0.4" in mv.description
+    assert "Intra-class FID per class: 0: 45, 1: 50, 2: 55" in mv.description
+    assert f"id {params['protocol.id']}" in mv.description
+    assert mv.tags["protocol.real_digest"] == grey_shards.content_hash()[:16]
+    assert "ifid_per_class.json" in {a.path for a in client.list_artifacts(run_id)}
