@@ -300,3 +300,5 @@ def _validate(cfg: Config) -> None:
     for i, metric in enumerate(e.metrics):
         require(metric in METRICS, f"eval.metrics[{i}]",
                  f"must be one of {choices()}; got {metric!r}")
+    require("ifid" not in e.metrics or m.num_classes > 0, "eval.metrics",
+            "'ifid' (intra-class FID) needs a conditional model (model.num_classes > 0)")

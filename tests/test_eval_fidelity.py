@@ -43,6 +43,8 @@ def test_one_metric_registry_drives_config_and_cli() -> None:
     assert load_config(None, []).eval.metrics == ["fid", "kid"]  # in-training default
     with pytest.raises(ConfigError, match=r"eval.metrics\[1\].*fid, kid, is, prc, dc, ifid"):
         load_config(None, ["eval.metrics=[fid, lpips]"])
+    with pytest.raises(ConfigError, match="'eval.metrics'.*conditional"):
+        load_config(None, ["eval.metrics=[fid, ifid]", "model.num_classes=0"])
     proc = subprocess.run([sys.executable, "pipelines/evaluate.py", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "fid,kid,is,prc,dc,ifid" in proc.stdout.replace("\n", "")
