@@ -291,3 +291,40 @@ def test_protocol_and_per_class_ifid_reach_the_run_and_the_model_version(
     assert f"id {params['protocol.id']}" in mv.description
     assert mv.tags["protocol.real_digest"] == grey_shards.content_hash()[:16]
     assert "ifid_per_class.json" in {a.path for a in client.list_artifacts(run_id)}
+
+
+@pytest.mark.slow
+def test_in_training_evaluation_returns_the_protocol_and_logs_it_as_run_tags(
+        tmp_path: Path, inception_weights: Path, grey_shards) -> None:  # noqa: F811
+    """train_loop.evaluate (what every rank calls at an eval step) with the default metrics
+    gives FID + KID only, the evaluation's seconds and the protocol; RunLogger.set_tags puts
+    the protocol on the run, where describe_version reads it."""
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from pipelines.config import load_run_config
+    from pipelines.tracking import RunLogger
+    from pipelines.train_loop import evaluate
+    from sagan.models import Generator
+
+    cfg = load_run_config(None, ["model.g_ch=8", "model.d_ch=8", "model.image_size=32",
+                                 "model.g_attention=[16]", "model.d_attention=[]",
+                                 "model.channels=1", "model.num_classes=3",
+                                 f"eval.num_samples={N}", f"eval.real_samples={N}",
+                                 f"eval.batch_size={N}", f"eval.real_path={grey_shards.location}",
+                                 f"eval.inception_weights={inception_weights}",
+                                 f"eval.cache_dir={tmp_path / 'cache'}"])
+    torch.manual_seed(0)
+    scores, protocol = evaluate(SimpleNamespace(device=torch.device("cpu")), cfg,
+                                Generator(cfg.model))
+    assert set(scores) == {"fid", "kid", "kid_std", "eval_seconds"}
+    assert protocol["protocol.generated_count"] == str(N)
+    assert protocol["protocol.seed"] == str(cfg.train.seed)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        mlflow.log_metric("loss_d", 1.0, step=0)
+    RunLogger(uri, run.info.run_id).set_tags(protocol)
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    assert tags["protocol.id"] == protocol["protocol.id"]
