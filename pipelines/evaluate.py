@@ -1,4 +1,6 @@
-"""Evaluate a SAGAN generator (checkpoint or MLflow model) with FID / KID / IS.
+"""Evaluate a SAGAN generator (checkpoint or MLflow model): FID, KID, IS, precision/recall,
+density/coverage, intra-class FID, each printed and logged with the protocol it was measured
+under (weights, real set and digest, counts, resize, library versions).
 
     python pipelines/evaluate.py --model runs/sagan/checkpoint_000004/checkpoint.pt \\
         --data data/fashion-mnist-32
@@ -6,6 +8,8 @@
         --data s3://datasets/cifar10-32 --num-samples 10000 --out metrics.json
     python pipelines/evaluate.py --model ckpt.pt --data data/x --inception-weights \\
         /shared/weights-inception-2015-12-05-6726825d.pth          # offline cluster
+    python pipelines/evaluate.py --model ckpt.pt --data data/test --metrics fid,kid,prc,dc,ifid \\
+        --truncation 1.0
 
 Prints one `name value` line per metric, writes JSON (--out), and logs a run to MLflow when
 --tracking-uri or $MLFLOW_TRACKING_URI is set. Bad input ends with one line on stderr naming the
@@ -25,12 +29,14 @@ from typing import Any
 
 from pipelines.config import PipelineConfig, load_run_config, run_config_from_dict
 from sagan.config import ConfigError, to_dict
+from sagan.eval.names import IFID_CLASS_PREFIX, METRICS, choices
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Score a SAGAN generator against a real image set with FID / KID / IS "
-                    "(torch-fidelity; real-set features cached under eval.cache_dir).",
+        description="Score a SAGAN generator against a real image set (metrics: "
+                    f"{choices()}; standard Inception features, real-set features cached "
+                    "under eval.cache_dir); prints each score and the protocol behind it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  python pipelines/evaluate.py --model runs/sagan/ckpt/checkpoint.pt "
@@ -51,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, metavar="N",
                    help="generated images (eval.num_samples)")
     p.add_argument("--real-samples", type=int, metavar="N", help="real images (eval.real_samples)")
-    p.add_argument("--metrics", metavar="LIST", help="comma list of fid,kid,is (eval.metrics)")
+    p.add_argument("--metrics", metavar="LIST",
+                   help=f"comma list of {choices().replace(', ', ',')} (eval.metrics): "
+                        + "; ".join(f"{m.name}: {m.paper}" for m in METRICS.values()))
+    p.add_argument("--truncation", type=float, metavar="T",
+                   help="truncation trick: redraw every |z| entry > T (BigGAN; default: none)")
     p.add_argument("--batch-size", type=int, metavar="N", help="eval.batch_size")
     p.add_argument("--inception-weights", metavar="PATH",
                    help="InceptionV3 weights file for offline use (eval.inception_weights)")
@@ -86,7 +96,9 @@ def build_config(args: argparse.Namespace, ckpt_cfg: Any) -> PipelineConfig:
     cfg.eval = dataclasses.replace(cfg.eval, **ev)
     cfg.validate()
     if not cfg.eval.metrics:
-        raise ConfigError("config field 'eval.metrics': empty; choose from fid, kid, is")
+        raise ConfigError(f"config field 'eval.metrics': empty; choose from {choices()}")
+    if args.truncation is not None and not 0 < args.truncation < float("inf"):
+        raise ConfigError(f"--truncation: must be a number > 0, got {args.truncation}")
     return cfg
 
 
@@ -94,27 +106,61 @@ def _tracking_uri(args: argparse.Namespace) -> str | None:
     return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+def per_class_table(metrics: dict[str, float]) -> dict[str, list]:
+    """The `ifid/<class>` scores as a two-column table (MLflow table artifact, JSON)."""
+    rows = sorted((int(k[len(IFID_CLASS_PREFIX):]), v) for k, v in metrics.items()
+                  if k.startswith(IFID_CLASS_PREFIX))
+    return {"class": [c for c, _ in rows], "ifid": [v for _, v in rows]}
+
+
 def log_to_mlflow(uri: str, experiment: str, record: dict[str, Any], out: str | None) -> str:
-    """One MLflow run per evaluation: params (what was evaluated), metrics, the JSON record."""
+    """One MLflow run per evaluation: params (what was evaluated, the protocol), metrics, the
+    JSON record and, for ifid, the per-class table. When the model is a registered version
+    (`models:/NAME/V`, `models:/NAME@ALIAS`), its tags get the scores and the protocol too."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from pipelines.tracking import experiment_id
 
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment_id=experiment_id(MlflowClient(uri), experiment, uri))
+    client = MlflowClient(uri)
+    mlflow.set_experiment(experiment_id=experiment_id(client, experiment, uri))
     name = f"evaluate-{Path(str(record['model'])).name or 'model'}"[:100]
     with mlflow.start_run(run_name=name, tags={"sagan.kind": "evaluation",
                                                "sagan.model_source": str(record["model"])}) as run:
         mlflow.log_params({k: str(record[k])[:500] for k in
                            ("model", "data", "num_samples", "real_samples", "seed", "device",
-                            "inception_weights")})
-        mlflow.log_metrics(record["metrics"])
+                            "inception_weights", "truncation")})
+        mlflow.log_params(record["protocol"])
+        mlflow.log_metrics({k.replace("/", "."): v for k, v in record["metrics"].items()})
+        table = per_class_table(record["metrics"])
+        if table["class"]:
+            mlflow.log_table(table, "ifid_per_class.json")
         if out:
             mlflow.log_artifact(out)
         else:
             mlflow.log_dict(record, "metrics.json")
+        version = _registered_version(client, str(record["model"]))
+        if version is not None:
+            tags = {**{f"eval.{k}": f"{v:.6g}" for k, v in record["metrics"].items()
+                       if not k.startswith(IFID_CLASS_PREFIX)},
+                    **{f"eval.{k}": v for k, v in record["protocol"].items()},
+                    "eval.run_id": run.info.run_id}
+            for key, value in tags.items():
+                client.set_model_version_tag(version[0], version[1], key, value)
         return run.info.run_id
+
+
+def _registered_version(client: Any, source: str) -> tuple[str, str] | None:
+    """(name, version) of a `models:/NAME/V` or `models:/NAME@ALIAS` source, else None."""
+    if not source.startswith("models:/"):
+        return None
+    ref = source[len("models:/"):]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, client.get_model_version_by_alias(name, alias).version
+    name, _, version = ref.rpartition("/")
+    return (name, version) if name and version.isdigit() else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     from sagan.eval import (
         InceptionWeightsError,
         RealDataError,
-        compute_metrics,
+        evaluate_generator,
         resolve_inception_weights,
     )
 
@@ -150,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         steps.update()
         steps.set_postfix_str("scoring")
         t0 = time.time()
-        metrics = compute_metrics(G, cfg.eval, real=args.data, device=device,
-                                  endpoint_url=args.endpoint_url, seed=args.seed,
-                                  progress=progress)
+        result = evaluate_generator(G, cfg.eval, real=args.data, device=device,
+                                    endpoint_url=args.endpoint_url, seed=args.seed,
+                                    progress=progress, truncation=args.truncation)
+        metrics = result.scores
         steps.update()
     except known as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
@@ -160,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"model": args.model, "data": args.data, "metrics": metrics,
               "num_samples": cfg.eval.num_samples, "real_samples": cfg.eval.real_samples,
               "seed": args.seed, "device": device, "inception_weights": str(weights),
+              "truncation": args.truncation, "protocol": result.protocol,
               "seconds": round(time.time() - t0, 2)}
     if args.out:
         out = Path(args.out)
@@ -173,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     steps.close()
     for k, v in metrics.items():
         print(f"{k} {v:.6g}")
+    for k, v in result.protocol.items():
+        print(f"{k} {v}")
     if args.out:
         print(f"wrote {args.out}")
     if uri:

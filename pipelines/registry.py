@@ -27,6 +27,8 @@ from pipelines.model_format import MODEL_CONFIG_FILE, MODEL_STATE_FILE
 from pipelines.png_model import generator_from_files
 from pipelines.tracking import TrackingError
 from sagan.config import Config, ModelConfig
+from sagan.eval.names import IFID_CLASS_PREFIX, headline_keys
+from sagan.eval.protocol import PREFIX as PROTOCOL_PREFIX
 from sagan.models import Generator
 
 __all__ = ["MODEL_CONFIG_FILE", "MODEL_STATE_FILE", "describe_version", "load_registered_generator",
@@ -64,15 +66,22 @@ def log_generator(uri: str, run_id: str, G_state: dict[str, torch.Tensor], model
 
 def describe_version(uri: str, name: str, version: str, cfg: Config, step: int,
                      metrics: dict[str, float], datasets: dict[str, Any] | None = None) -> None:
-    """What a reader of the registry needs without opening the run: a description (FID, KID,
-    step, dataset, key config) and tags on the version, and its FID/KID logged against the
-    MLflow 3 LoggedModel behind it, so the experiment's Models tab compares versions.
+    """What a reader of the registry needs without opening the run: a description (the scores
+    of `sagan.eval.names`, the protocol they were measured under, intra-class FID per class,
+    step, dataset, key config) and tags on the version (scores, `protocol.*`), the per-class
+    iFID as a table artifact of the run, and the scores logged against the MLflow 3
+    LoggedModel behind it, so the experiment's Models tab compares versions.
 
     The metrics are the run's own points (same step and timestamp) with the model's id added:
     MLflow links them to the model and does not duplicate them in the run's history."""
     client = MlflowClient(uri)
     mv = client.get_model_version(name, version)
-    scores = {k: float(metrics[k]) for k in ("fid", "kid", "is") if metrics.get(k) is not None}
+    scores = {k: float(metrics[k]) for k in headline_keys() if metrics.get(k) is not None}
+    # the protocol rank 0 measured under (train_loop sets it as run tags at each evaluation)
+    protocol = {k: v for k, v in client.get_run(mv.run_id).data.tags.items()
+                if k.startswith(PROTOCOL_PREFIX)} if scores else {}
+    per_class = sorted((int(k[len(IFID_CLASS_PREFIX):]), float(v)) for k, v in metrics.items()
+                       if k.startswith(IFID_CLASS_PREFIX))
     train = (datasets or {}).get("training")
     evaluation = (datasets or {}).get("evaluation")
     m, t = cfg.model, cfg.train
@@ -81,6 +90,11 @@ def describe_version(uri: str, name: str, version: str, cfg: Config, step: int,
               + f" ({cfg.eval.num_samples} generated images"
               + (f" vs {evaluation.name} [{evaluation.digest}]" if evaluation else "") + ")")
              if scores else "Scores: not evaluated (eval.eval_every=0).",
+             *(["Intra-class FID per class: " + ", ".join(f"{c}: {v:.4g}" for c, v in per_class)
+                + " (table: ifid_per_class.json in the run's artifacts)."] if per_class else []),
+             *(["Protocol (compare scores only at the same protocol.id): " + "; ".join(
+                 f"{k[len(PROTOCOL_PREFIX):]} {v}" for k, v in sorted(protocol.items()))]
+               if protocol else []),
              f"Dataset: {train.name} [{train.digest}] at {cfg.data.path}" if train
              else f"Dataset: {cfg.data.path}",
              f"Model: {m.image_size} px, {m.channels} ch, {m.num_classes} classes, g_ch "
@@ -95,8 +109,12 @@ def describe_version(uri: str, name: str, version: str, cfg: Config, step: int,
             "d_attention": str(list(m.d_attention)), "data.path": cfg.data.path}
     if train:
         tags.update({"dataset": train.name, "dataset_digest": train.digest})
+    tags.update(protocol)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    if per_class:
+        client.log_table(mv.run_id, {"class": [c for c, _ in per_class],
+                                     "ifid": [v for _, v in per_class]}, "ifid_per_class.json")
     # the LoggedModel behind the version: its id, or the `models:/m-...` URI it was made from
     model_id = mv.model_id or (mv.source[len("models:/"):]
                                if (mv.source or "").startswith("models:/m-") else None)

@@ -1,6 +1,7 @@
 """Draw a sample grid (and optionally attention maps) from a SAGAN generator.
 
     python pipelines/sample.py --model models:/sagan-generator@latest --out grid.png
+    python pipelines/sample.py --model ckpt.pt --out grid-t0.5.png --truncation 0.5
     python pipelines/sample.py --model runs/sagan/checkpoint_000004/checkpoint.pt --out grid.png \\
         --attention-out attention.png --query 8,8 --query 20,12 --seed 3
 
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-per-class", type=int, default=8,
                    help="columns per class row, conditional models (default 8)")
     p.add_argument("--n", type=int, default=64, help="samples, unconditional models (default 64)")
+    p.add_argument("--truncation", type=float, metavar="T",
+                   help="truncation trick: redraw every |z| entry > T (BigGAN), trading "
+                        "variety for fidelity (default: none, plain N(0, 1))")
     p.add_argument("--classes", metavar="LIST",
                    help="comma list of class ids to show (default: all)")
     p.add_argument("--attention-out", metavar="PNG", help="also write an attention-map figure")
@@ -92,13 +96,15 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise ConfigError(f"--classes '{args.classes}': expected a comma list of class "
                                   "ids, e.g. 0,3,7") from None
+        if args.truncation is not None and not 0 < args.truncation < float("inf"):
+            raise ConfigError(f"--truncation: must be a number > 0, got {args.truncation}")
         device = resolve_device(args.device)
         steps.set_postfix_str("loading model")
         G = load_generator_any(args.model, device, tracking_uri=args.tracking_uri).generator
         steps.update()
         steps.set_postfix_str("sample grid")
         grid = sample_grid(G, n_per_class=args.n_per_class, n=args.n, seed=args.seed,
-                           device=device, class_ids=classes)
+                           device=device, class_ids=classes, truncation=args.truncation)
         save_png(grid, args.out)
         steps.update()
         attn_path = None

@@ -20,6 +20,7 @@ import yaml
 from pipelines.config import PipelineConfig, load_run_config, run_config_from_dict
 from sagan.config import ConfigError, to_dict
 from sagan.errors import one_line
+from sagan.eval.names import headline_keys
 
 ROOT = Path(__file__).resolve().parents[1]  # a sweep's relative `base` is found from here
 
@@ -125,14 +126,15 @@ def parse_sweep(data: dict, where: str = "sweep", cli_overrides: list[str] | Non
                              f"{', '.join(sorted(TUNE_KEYS))})")
     spec = SweepSpec(base=base, overrides=overrides, space=space,
                      **{k: v for k, v in t.items()})
-    if spec.metric not in ("fid", "kid", "is", "loss_g", "loss_d"):
-        raise SweepError(f"{where}: tune.metric must be fid, kid, is, loss_g or loss_d")
+    choices = [*headline_keys(), "loss_g", "loss_d"]
+    if spec.metric not in choices:
+        raise SweepError(f"{where}: tune.metric must be one of {', '.join(choices)}")
     if spec.mode not in ("min", "max"):
         raise SweepError(f"{where}: tune.mode must be 'min' or 'max'")
     if spec.scheduler not in ("asha", "none"):
         raise SweepError(f"{where}: tune.scheduler must be 'asha' or 'none', got "
                          f"{spec.scheduler!r}")
-    if spec.metric in ("fid", "kid", "is") and base.eval.eval_every <= 0:
+    if spec.metric in headline_keys() and base.eval.eval_every <= 0:
         raise SweepError(f"{where}: tune.metric={spec.metric} needs eval.eval_every > 0 in the "
                          "base config or overrides")
     for k in ("num_samples", "max_concurrent_trials", "grace_period", "reduction_factor"):

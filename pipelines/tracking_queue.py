@@ -31,7 +31,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 SPILL_AFTER = 2000  # scalar points kept in memory before they go to the spill file
@@ -101,6 +101,7 @@ class TrackingQueue:
         self._inflight: list[Metric] = []
         self._replaying: list[Metric] = []
         self._images: deque[tuple[str, int, int, Any]] = deque()
+        self._tags: dict[str, str] = {}
         self._closing = self._abandoned = False
         self._thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
         self._thread.start()
@@ -126,6 +127,13 @@ class TrackingQueue:
             while len(self._images) > self.max_images:
                 self._images.popleft()
                 self.dropped_images += 1
+            self._cond.notify()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Run tags (e.g. the evaluation protocol), sent by the writer like everything else;
+        a tag set again before it was sent is sent once, with its newest value."""
+        with self._cond:
+            self._tags.update({k: str(v)[:5000] for k, v in tags.items()})
             self._cond.notify()
 
     def close(self, wait_s: float) -> bool:
@@ -164,7 +172,7 @@ class TrackingQueue:
                 f"({self.dropped_images} dropped)")
 
     def _pending(self) -> bool:
-        return bool(self._scalars or self._images or self.spill_path.exists())
+        return bool(self._scalars or self._images or self._tags or self.spill_path.exists())
 
     def _spill(self, metrics: list[Metric]) -> None:
         """Append points to the spill file (the caller holds the lock)."""
@@ -190,6 +198,7 @@ class TrackingQueue:
                     self.last_logged = max((m.step for m in history), default=-1)
                 self._send_spilled()
                 self._send_scalars()
+                self._send_tags()
                 self._send_image()
             except Exception as exc:  # an outage: keep everything, probe again later
                 self._went_down(exc)
@@ -235,6 +244,18 @@ class TrackingQueue:
                 raise
             with self._cond:
                 self._inflight = []
+
+    def _send_tags(self) -> None:
+        with self._cond:
+            tags, self._tags = self._tags, {}
+        if not tags:
+            return
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception:
+            with self._cond:  # newer values set meanwhile win
+                self._tags = {**tags, **self._tags}
+            raise
 
     def _log_batch(self, points: list[Metric]) -> None:
         points = [m for m in points if m.step > (self.last_logged or -1)]

@@ -124,18 +124,20 @@ def _setup_error(exc: BaseException, cfg: PipelineConfig) -> str | None:
     return f"data.path '{cfg.data.path}': {exc}" if isinstance(exc, DataError) else str(exc)
 
 
-def evaluate(session: Session, cfg: PipelineConfig, G: torch.nn.Module) -> dict[str, float]:
-    """FID/KID/IS of the EMA generator `G` (eval.metrics) against the held-out images at
-    eval.real_path (data.path when unset). Every rank calls it at every eval step: each
-    generates and featurises its share, rank 0 scores and every rank gets the result."""
-    from sagan.eval import compute_metrics
+def evaluate(session: Session, cfg: PipelineConfig, G: torch.nn.Module
+             ) -> tuple[dict[str, float], dict[str, str]]:
+    """The eval.metrics of the EMA generator `G` (default FID + KID) against the held-out
+    images at eval.real_path (data.path when unset), and the protocol they were measured under.
+    Every rank calls it at every eval step: each generates and featurises its share, rank 0
+    scores and every rank gets the result."""
+    from sagan.eval import evaluate_generator
 
     t0 = time.perf_counter()
-    scores = compute_metrics(G, cfg.eval,
-                             real=cfg.eval.real_path or cfg.data.path, device=session.device,
-                             num_classes=cfg.model.num_classes,
-                             endpoint_url=cfg.data.endpoint_url, seed=cfg.train.seed)
-    return {**scores, "eval_seconds": time.perf_counter() - t0}  # training stops this long
+    result = evaluate_generator(G, cfg.eval, real=cfg.eval.real_path or cfg.data.path,
+                                device=session.device, num_classes=cfg.model.num_classes,
+                                endpoint_url=cfg.data.endpoint_url, seed=cfg.train.seed)
+    # training stops this long
+    return {**result.scores, "eval_seconds": time.perf_counter() - t0}, result.protocol
 
 
 def _progress(step: int, total: int, values: dict[str, float], rate: float) -> str:
@@ -343,7 +345,10 @@ def run_loop(session: Session, cfg: PipelineConfig, tracking_uri: str | None = N
             # the EMA generator (a copy with settled SN estimates) is built once per step
             G = trainer.ema_generator() if do_eval or (do_sample and rank == 0) else None
             if do_eval:
-                values.update(evaluate(session, cfg, G))
+                scores, protocol = evaluate(session, cfg, G)
+                values.update(scores)
+                if logger is not None:  # rank 0: the protocol as run tags (registry reads them)
+                    logger.set_tags(protocol)
             if rank == 0 and (do_log or do_sample or do_eval):
                 rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
                 _publish(cfg, G, logger, device, step, values, rate, do_log=do_log,

@@ -135,9 +135,16 @@ class EvalConfig:
     num_samples: int = 5000
     real_samples: int = 5000
     batch_size: int = 64
-    metrics: list[str] = field(default_factory=lambda: ["fid", "kid"])
+    # names from the registry in sagan/eval/names.py; default FID + KID (the cost is stated there)
+    metrics: list[str] = field(default_factory=lambda: _default_metrics())
     inception_weights: str | None = None
     cache_dir: str = "~/.cache/sagan/fidelity"
+
+
+def _default_metrics() -> list[str]:
+    from sagan.eval.names import DEFAULT_METRICS  # lazily: sagan.eval imports this module
+
+    return list(DEFAULT_METRICS)
 
 
 @dataclass
@@ -309,6 +316,10 @@ def _validate(cfg: Config) -> None:
     require(e.num_samples > 1, "eval.num_samples", "must be > 1")
     require(e.real_samples > 1, "eval.real_samples", "must be > 1")
     require(e.batch_size > 0, "eval.batch_size", "must be > 0")
+    from sagan.eval.names import METRICS, choices  # the one metric registry (no torch)
+
     for i, metric in enumerate(e.metrics):
-        require(metric in ("fid", "kid", "is"), f"eval.metrics[{i}]",
-                 f"must be one of fid, kid, is; got {metric!r}")
+        require(metric in METRICS, f"eval.metrics[{i}]",
+                 f"must be one of {choices()}; got {metric!r}")
+    require("ifid" not in e.metrics or m.num_classes > 0, "eval.metrics",
+            "'ifid' (intra-class FID) needs a conditional model (model.num_classes > 0)")

@@ -34,12 +34,17 @@ class VisualizationError(ValueError):
 # --------------------------------------------------------------------------- helpers
 
 
-def fixed_z(z_dim: int, indices: Sequence[int], seed: int = 0) -> torch.Tensor:
-    """z for sample indices: z_i depends only on (seed, i), never on how many are drawn."""
+def fixed_z(z_dim: int, indices: Sequence[int], seed: int = 0,
+            truncation: float | None = None) -> torch.Tensor:
+    """z for sample indices: z_i depends only on (seed, i, truncation), never on how many are
+    drawn; `truncation` t redraws entries with |z| > t (`sagan.eval.generate.truncate`)."""
+    from sagan.eval.generate import truncate
+
     rows = []
     for i in indices:
         s = int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1, dtype=np.uint64)[0])
-        rows.append(torch.randn(1, z_dim, generator=torch.Generator().manual_seed(s)))
+        z = torch.randn(1, z_dim, generator=torch.Generator().manual_seed(s))
+        rows.append(truncate(z, truncation, s % 2**62))
     return torch.cat(rows) if rows else torch.empty(0, z_dim)
 
 
@@ -92,8 +97,9 @@ def save_png(img: Image.Image, path: str | os.PathLike) -> None:
 
 def sample_grid(G: nn.Module, n_per_class: int | None = None, n: int = 64, seed: int = 0,
                 device: str | torch.device = "cpu", class_ids: Sequence[int] | None = None,
-                padding: int = 2, batch_size: int = 64) -> Image.Image:
-    """A grid of samples from fixed z (see `fixed_z`).
+                padding: int = 2, batch_size: int = 64,
+                truncation: float | None = None) -> Image.Image:
+    """A grid of samples from fixed z (see `fixed_z`; `truncation` t: BigGAN's trick).
 
     Conditional G: one row per class (`class_ids`, default all), `n_per_class` columns (default
     8), column j using z_j in every row. Unconditional G: `n` samples in a near-square grid.
@@ -112,14 +118,14 @@ def sample_grid(G: nn.Module, n_per_class: int | None = None, n: int = 64, seed:
             raise VisualizationError(f"sample_grid: class_ids must be in [0, {k}) and "
                                      f"n_per_class >= 1 (got class_ids={bad or classes}, "
                                      f"n_per_class={cols})")
-        zc = fixed_z(G.z_dim, range(cols), seed)
+        zc = fixed_z(G.z_dim, range(cols), seed, truncation)
         z = zc.repeat(len(classes), 1)
         y = torch.tensor(classes).repeat_interleave(cols)
         nrow, rows = cols, len(classes)
     else:
         if n < 1:
             raise VisualizationError(f"sample_grid: n must be >= 1, got {n}")
-        z = fixed_z(G.z_dim, range(n), seed)
+        z = fixed_z(G.z_dim, range(n), seed, truncation)
         y, classes = None, []
         nrow = int(math.ceil(math.sqrt(n)))
         rows = int(math.ceil(n / nrow))
@@ -128,7 +134,8 @@ def sample_grid(G: nn.Module, n_per_class: int | None = None, n: int = 64, seed:
     arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     img = Image.fromarray(arr, "RGB")
     img.info[GRID_META_KEY] = json.dumps({"rows": rows, "cols": nrow, "classes": classes,
-                                          "seed": seed, "image_size": int(x.shape[-1])})
+                                          "seed": seed, "image_size": int(x.shape[-1]),
+                                          "truncation": truncation})
     return img
 
 

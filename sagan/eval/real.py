@@ -58,18 +58,29 @@ def collect_images(batches: Iterable[Any], limit: int, resolution: int | None = 
     """Up to `limit` images from batches ((x, y) as `sagan.data.eval_loader` yields, or bare
     tensors; float in [-1, 1] or uint8) as one uint8 (N, 3, S, S) tensor, resized to
     `resolution` when it differs."""
+    return collect_labelled(batches, limit, resolution, progress, desc)[0]
+
+
+def collect_labelled(batches: Iterable[Any], limit: int, resolution: int | None = None,
+                     progress: bool = False, desc: str = "real images"
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`collect_images` and the class labels of (x, y) batches (None when any batch has none):
+    intra-class FID compares each class with its own real images."""
     from tqdm import tqdm
 
     if isinstance(batches, torch.Tensor):
         batches = [batches]
-    parts, n = [], 0
+    parts, labels, n = [], [], 0
     with tqdm(total=limit, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for item in batches:
             x = item[0] if isinstance(item, tuple | list) else item
+            y = item[1] if isinstance(item, tuple | list) and len(item) > 1 else None
             if not isinstance(x, torch.Tensor):
                 raise RealDataError(f"real set: expected image tensors or (x, y) batches, got "
                                     f"{type(x).__name__}")
             x = (x.unsqueeze(0) if x.dim() == 3 else x)[: limit - n]
+            labels.append(torch.as_tensor(y).reshape(-1)[: x.shape[0]].long()
+                          if isinstance(y, torch.Tensor) and y.numel() >= x.shape[0] else None)
             if resolution is not None:
                 x = resize(x, resolution)
             parts.append(to_uint8_rgb(x))
@@ -79,7 +90,8 @@ def collect_images(batches: Iterable[Any], limit: int, resolution: int | None = 
                 break
     if n == 0:
         raise RealDataError("real set is empty: no images to compare against")
-    return torch.cat(parts)
+    y_all = None if any(part is None for part in labels) else torch.cat(labels)
+    return torch.cat(parts), y_all
 
 
 def real_cache_key(source_id: str, resolution: int, num_images: int, weights_tag: str) -> str:
@@ -138,17 +150,26 @@ class RealStatsCache:
 
 @dataclass
 class RealSet:
-    """A real image set: its cache identity, and its images, read on first use."""
+    """A real image set: its cache identity, its images and class labels (None when it has
+    none), read on first use, and for the protocol logged with each score its name and
+    `description` (a prepared set's manifest source: dataset, split, seed)."""
 
     source_id: str
     num_images: int
-    load: Callable[[], torch.Tensor] = field(repr=False)
+    load: Callable[[], tuple[torch.Tensor, torch.Tensor | None]] = field(repr=False)
     _images: torch.Tensor | None = field(default=None, repr=False)
+    _labels: torch.Tensor | None = field(default=None, repr=False)
+    name: str = "in-memory"
+    description: str = ""
 
     def images(self) -> torch.Tensor:
         if self._images is None:
-            self._images = self.load()
+            self._images, self._labels = self.load()
         return self._images
+
+    def labels(self) -> torch.Tensor | None:
+        self.images()
+        return self._labels
 
 
 def _tensor_digest(images: torch.Tensor) -> str:
@@ -179,19 +200,23 @@ def prepare_real(real: Any, num_images: int, resolution: int, batch_size: int = 
             raise RealDataError(f"real set '{path}': needs at least 2 images, manifest lists "
                                 f"{manifest.total}")
 
-        def load() -> torch.Tensor:
+        def load() -> tuple[torch.Tensor, torch.Tensor | None]:
             source = real if isinstance(real, DataConfig) else path
             loader = sdata.eval_loader(source, batch_size, limit=n, endpoint_url=ep,
                                        manifest=manifest)
-            images = collect_images(loader, n, resolution, progress, desc=f"reading {path}")
+            images, labels = collect_labelled(loader, n, resolution, progress,
+                                              desc=f"reading {path}")
             if images.shape[0] < n:
                 warnings.warn(f"real set '{path}': read {images.shape[0]} of {n} images "
                               "(corrupt samples skipped); metrics use what was read",
                               stacklevel=2)
-            return images
+            return images, labels if manifest.conditional else None
 
-        return RealSet(real_key or manifest.content_hash()[:16], n, load)
-    images = collect_images(real, num_images, resolution, progress)
+        return RealSet(real_key or manifest.content_hash()[:16], n, load,
+                       name=path.rstrip("/").rsplit("/", 1)[-1] or path,
+                       description=str(manifest.source))
+    images, labels = collect_labelled(real, num_images, resolution, progress)
     if images.shape[0] < 2:
         raise RealDataError(f"real set: needs at least 2 images, got {images.shape[0]}")
-    return RealSet(real_key or _tensor_digest(images), images.shape[0], lambda: images, images)
+    return RealSet(real_key or _tensor_digest(images), images.shape[0],
+                   lambda: (images, labels), images, labels)
