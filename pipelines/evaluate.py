@@ -30,6 +30,7 @@ from typing import Any
 from pipelines.config import PipelineConfig, load_run_config, run_config_from_dict
 from sagan.config import ConfigError, to_dict
 from sagan.eval.names import IFID_CLASS_PREFIX, METRICS, choices
+from sagan.truncation import check_truncation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,8 +98,10 @@ def build_config(args: argparse.Namespace, ckpt_cfg: Any) -> PipelineConfig:
     cfg.validate()
     if not cfg.eval.metrics:
         raise ConfigError(f"config field 'eval.metrics': empty; choose from {choices()}")
-    if args.truncation is not None and not 0 < args.truncation < float("inf"):
-        raise ConfigError(f"--truncation: must be a number > 0, got {args.truncation}")
+    try:
+        check_truncation(args.truncation, "--truncation")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg
 
 

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.model_io import ModelSourceError, load_generator_any, resolve_device
     from sagan.checkpoint import CheckpointError
     from sagan.config import ConfigError
+    from sagan.truncation import check_truncation
     from sagan.visualize import (
         GRID_META_KEY,
         VisualizationError,
@@ -96,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise ConfigError(f"--classes '{args.classes}': expected a comma list of class "
                                   "ids, e.g. 0,3,7") from None
-        if args.truncation is not None and not 0 < args.truncation < float("inf"):
-            raise ConfigError(f"--truncation: must be a number > 0, got {args.truncation}")
+        try:
+            check_truncation(args.truncation, "--truncation")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         device = resolve_device(args.device)
         steps.set_postfix_str("loading model")
         G = load_generator_any(args.model, device, tracking_uri=args.tracking_uri).generator

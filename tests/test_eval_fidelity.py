@@ -107,7 +107,7 @@ def test_truncation_redraws_only_large_entries_and_none_changes_nothing() -> Non
     assert float(zt.std()) < 0.35  # ~0.28 for N(0,1) truncated at 0.5
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="--truncation"):
-            E.check_truncation(bad)
+            E.check_truncation(bad, "--truncation")
     from sagan.visualize import fixed_z
 
     assert fixed_z(8, range(4), 0, truncation=1.0).abs().max() <= 1.0

@@ -11,37 +11,12 @@ import torch
 from torch import nn
 
 from sagan.eval.real import to_uint8_rgb
+from sagan.truncation import check_truncation, truncate  # noqa: F401 - re-exported by sagan.eval
 
 
 def share(n: int, rank: int, world: int) -> slice:
     """The contiguous part of `n` items that `rank` of `world` handles (sizes differ by <= 1)."""
     return slice(n * rank // world, n * (rank + 1) // world)
-
-
-def check_truncation(truncation: float | None, where: str = "--truncation") -> None:
-    """One-line ValueError naming `where` unless None or a finite number > 0."""
-    if truncation is not None and not (0 < float(truncation) < float("inf")):
-        raise ValueError(f"{where}: must be a number > 0 (or unset: no truncation), got "
-                         f"{truncation!r}")
-
-
-def truncate(z: torch.Tensor, truncation: float | None, seed: int = 0) -> torch.Tensor:
-    """z with every entry |z| > t redrawn from N(0, 1) until none is left (BigGAN's truncation
-    trick, Brock et al. 2019, section 3.1): samples move towards the mode, trading variety
-    (recall) for fidelity (precision). Redraws come from their own generator seeded by `seed`,
-    so the entries already within t, and the class labels drawn after z, stay the same at every
-    t: a truncation curve changes only what t changes. None returns z untouched."""
-    if truncation is None:
-        return z
-    check_truncation(truncation)
-    z = z.clone()
-    rng = torch.Generator().manual_seed(int(seed) + 0x7A11)
-    while True:
-        out = z.abs() > truncation
-        count = int(out.sum())
-        if count == 0:
-            return z
-        z[out] = torch.randn(count, generator=rng, dtype=z.dtype)
 
 
 def eval_inputs(z_dim: int, num_images: int, num_classes: int, seed: int = 0,
