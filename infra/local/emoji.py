@@ -119,7 +119,11 @@ def _upload(files: list[Path], out: str, endpoint_url: str | None) -> None:
     import boto3
 
     bucket, _, prefix = out[len("s3://"):].partition("/")
-    client = boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+    # a fresh session reads the credentials in the environment now (boto3's default session
+    # keeps the first ones it saw in this process)
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL"))
     for f in files:
         client.upload_file(str(f), bucket, f"{prefix.rstrip('/')}/{f.name}".lstrip("/"))
 
