@@ -53,12 +53,32 @@ def ray_map(desc: str, unit: str = "shard", cpus: float = 1.0,
         remote = ray.remote(num_cpus=cpus, max_retries=TASK_RETRIES)(fn)
         pending = {remote.remote(*job): job for job in jobs}
         total = sum(weight(j) for j in jobs) if weight else len(jobs)
-        with tqdm(total=total, unit=unit, desc=desc, disable=not progress) as bar:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                job = pending.pop(done[0])
-                result = ray.get(done[0])
-                bar.update(weight(job) if weight else 1)
-                yield result
+        try:
+            with tqdm(total=total, unit=unit, desc=desc, disable=not progress) as bar:
+                while pending:
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    job = pending.pop(done[0])
+                    try:
+                        result = ray.get(done[0])
+                    except ray.exceptions.RayTaskError as exc:  # the task's own error (a
+                        raise (exc.cause or exc) from None  # DataError: one line for the CLI)
+                    bar.update(weight(job) if weight else 1)
+                    yield result
+        finally:
+            _drain(list(pending))
 
     return map_fn
+
+
+def _drain(refs: list) -> None:
+    """Cancel tasks nobody will read and collect their outcome, so that a failed run ends
+    with its one error line, not with Ray's 'Unhandled error' tracebacks of the others."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref)
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=60)
+        except Exception:  # noqa: BLE001 - cancelled or failed the same way: already reported
+            pass

@@ -301,7 +301,7 @@ def test_in_training_evaluation_returns_the_protocol_and_logs_it_as_run_tags(
     set_tags puts the protocol on the run, where describe_version reads it."""
     from types import SimpleNamespace
 
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
     from pipelines.config import load_run_config
     from pipelines.tracking_queue import TrackingQueue
@@ -322,11 +322,11 @@ def test_in_training_evaluation_returns_the_protocol_and_logs_it_as_run_tags(
     assert protocol["protocol.generated_count"] == str(N)
     assert protocol["protocol.seed"] == str(cfg.train.seed)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
-        mlflow.log_metric("loss_d", 1.0, step=0)
+    client = MlflowClient(uri)  # no process-wide tracking URI or active experiment
+    run = client.create_run(client.create_experiment("protocol"))
+    client.log_metric(run.info.run_id, "loss_d", 1.0, step=0)
     queue = TrackingQueue(uri, run.info.run_id, tmp_path / "spill")
     queue.set_tags(protocol)
     assert queue.close(wait_s=60)
-    tags = mlflow.get_run(run.info.run_id).data.tags
+    tags = client.get_run(run.info.run_id).data.tags
     assert tags["protocol.id"] == protocol["protocol.id"]

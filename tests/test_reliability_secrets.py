@@ -114,8 +114,8 @@ def secret_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretRun]:
         while not list((storage / "secrets").glob("checkpoint_*/checkpoint.pt")):
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.1)
-        before = proxy.bytes_down
         proxy.cut(OUTAGE_S)  # S3 unreachable for the data reads, mid-training
+        before = proxy.bytes_down  # read after cut(): bytes already in flight are counted
         time.sleep(OUTAGE_S)
         assert proxy.bytes_down == before  # nothing got through during the outage
         status = _wait_job(info, job_id, timeout=400)

@@ -94,6 +94,7 @@ def persist(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Persist]:
 
 @pytest.fixture
 def proxy(persist: Persist) -> Iterator[StallProxy]:
+    persist.restart_dead_services()  # a test that failed before its restart must not fail the next
     host, port = persist.cfg.s3_endpoint.split("://", 1)[1].rsplit(":", 1)
     p = StallProxy(host, int(port))
     yield p
