@@ -11,8 +11,9 @@ on the same uint8 images, timed interleaved in one process (bench/timing.py):
 - `eager_contiguous`: the same network in the default memory format;
 - `compile`: `torch.compile` of the channels-last network (compile time not counted);
 - `onnxruntime`: the network after the resize exported to ONNX, ONNX Runtime's CPU provider;
-- `openvino`: the same ONNX graph in OpenVINO, precision hint forced to f32 (OpenVINO picks
-  bf16 by itself on CPUs that have it, which would not be the same measurement).
+- `openvino`: what evaluation runs on CPU by default since this benchmark (`eval.runtime`, sagan/
+  eval/openvino_pool3.py): the network converted from torch to OpenVINO, precision hint forced
+  to f32 (OpenVINO picks bf16 by itself on CPUs that have it, not the same measurement).
 
 The resize to 299 px and the (x - 128) / 128 scaling stay in torch for the exported cases
 (torch-fidelity's TF1-compatible bilinear resize, cheap next to the network). Each case's
@@ -35,9 +36,9 @@ from pathlib import Path
 from bench.timing import RESULTS, environment, interleave, paired_ratio, write_json
 
 import torch
-from torch import nn
 
 import sagan.eval as E
+from sagan.eval.openvino_pool3 import Trunk, preprocess
 from sagan.eval.weights import POOL_LAYER
 from tests.fixtures.inception import fashion_images
 # isort: on
@@ -64,33 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.n < 2 or args.batch_size < 1 or args.reps < 1:
         p.error("--n must be >= 2, --batch-size and --reps >= 1")
     return args
-
-
-def preprocess(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float (N, 3, 299, 299) in [-1, 1), exactly as torch-fidelity's
-    InceptionV3 starts its forward."""
-    from torch_fidelity.interpolate_compat_tensorflow import (
-        interpolate_bilinear_2d_like_tensorflow1x,
-    )
-
-    x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
-    return (x - 128) / 128
-
-
-class Trunk(nn.Module):
-    """torch-fidelity's InceptionV3 after the resize: float 299 px -> pool3 (N, 2048)."""
-
-    NAMES = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
-             "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
-             "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c",
-             "AvgPool")
-
-    def __init__(self, extractor: nn.Module):
-        super().__init__()
-        self.layers = nn.Sequential(*(getattr(extractor, n) for n in self.NAMES))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.layers(x), 1)
 
 
 def _batched(fn, images: torch.Tensor, bs: int) -> torch.Tensor:
@@ -127,15 +101,9 @@ def build_cases(weights: Path, names: list[str], tmp: Path, bs: int) -> dict:
         sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
         cases["onnxruntime"] = lambda x: _batched(
             lambda b: torch.from_numpy(sess.run(None, {"x": preprocess(b).numpy()})[0]), x, bs)
-    if "openvino" in names:
-        import openvino as ov
-
-        core = ov.Core()
-        model = core.compile_model(str(onnx_path), "CPU", {
-            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": "LATENCY"})
-        cases["openvino"] = lambda x: _batched(
-            lambda b: torch.from_numpy(model(preprocess(b).numpy())[0].copy()), x, bs)
+    if "openvino" in names:  # what evaluation runs with eval.runtime=auto / openvino
+        ov_fe = E.feature_extractor(weights, runtime="openvino", cache_dir=tmp)
+        cases["openvino"] = lambda x: E.featurize(x, ov_fe, bs)[POOL_LAYER]
     return cases
 
 

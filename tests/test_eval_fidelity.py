@@ -123,7 +123,9 @@ def test_protocol_separates_what_makes_numbers_incomparable(inception_weights: P
     assert a["protocol.library"].startswith("torch-fidelity ") and "prdc " in a[
         "protocol.library"]
     assert "299" in a["protocol.resize"]
-    same = E.evaluation_protocol(["fid", "dc"], inception_weights, real, 32, 1000, seed=7)
+    same = E.evaluation_protocol(["fid", "dc"], inception_weights, real, 32, 1000, seed=7,
+                                 runtime="OpenVINO 2026.4.1 fp32")  # features equal to 1e-4
+    assert same["protocol.runtime"] == "OpenVINO 2026.4.1 fp32" != a["protocol.runtime"]
     assert same["protocol.id"] == a["protocol.id"] and not E.comparable(a, same)
     other = E.evaluation_protocol(["fid", "dc"], inception_weights, real, 32, 5000,
                                   truncation=0.5)

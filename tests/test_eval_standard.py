@@ -67,3 +67,30 @@ def test_kid_near_zero_for_real_sets_and_large_for_noise(features) -> None:
     real = E.scores(features["test"], features["train"], ["kid"])["kid"]
     noise = E.scores(features["test"], features["noise"], ["kid"])["kid"]
     assert abs(real) < 0.01 and noise > 0.2, (real, noise)
+
+
+@pytest.mark.slow
+def test_openvino_runtime_gives_torchs_features_and_fid(standard_inception_weights, features,
+                                                        inception_weights, tmp_path) -> None:
+    """eval.runtime=openvino (the CPU default when installed): the 200 test images' pool3
+    features equal the torch path's to 1e-4 relative and FID moves < 0.1 (the adoption rule of
+    bench/inception_speed.py); the conversion is cached, and a cached network of other weights
+    is refused by the match check (torch is used, or one line when OpenVINO was asked for)."""
+    from sagan.eval.openvino_pool3 import OpenVinoPool3, openvino_pool3
+
+    fe = E.feature_extractor(standard_inception_weights, runtime="openvino", cache_dir=tmp_path)
+    assert isinstance(fe, OpenVinoPool3) and fe.runtime.startswith("OpenVINO")
+    fast = E.featurize(fashion_images("test", len(features["test"][W.POOL_LAYER]), seed=0), fe)
+    ref = features["test"][W.POOL_LAYER]
+    assert float((fast[W.POOL_LAYER] - ref).norm() / ref.norm()) <= 1e-4
+    assert abs(_fid(fast, features["train"]) - _fid(features["test"], features["train"])) < 0.1
+    cached = list((tmp_path / "openvino").glob("*.xml"))
+    assert len(cached) == 1 and W.weights_fingerprint(standard_inception_weights) in cached[0].name
+
+    other = E.feature_extractor(inception_weights)  # random-init network, torch
+    wrong = W.weights_fingerprint(standard_inception_weights)  # as if the cache were stale
+    assert openvino_pool3(other, wrong, tmp_path, required=False) is other
+    assert not cached[0].exists()  # the stale conversion is dropped
+    E.feature_extractor(standard_inception_weights, runtime="openvino", cache_dir=tmp_path)
+    with pytest.raises(W.InceptionWeightsError, match="eval.runtime: OpenVINO's pool3"):
+        openvino_pool3(other, wrong, tmp_path, required=True)

@@ -20,13 +20,15 @@ from sagan.eval.weights import FEATURE_EXTRACTOR, POOL_LAYER, weights_fingerprin
 PREFIX = "protocol."
 INCEPTION_SIZE = 299  # torch-fidelity's InceptionV3 resizes every input to this (bilinear)
 
-# not part of `protocol.id`: they say which samples were drawn, not how they were measured
-_NOT_IN_ID = ("seed", "metrics", "id")
+# not part of `protocol.id`: they say which samples were drawn, not how they were measured;
+# the runtime's features equal torch's to <= 1e-4 relative (checked each time it is built)
+_NOT_IN_ID = ("seed", "metrics", "id", "runtime")
 
 
 def evaluation_protocol(metrics: list[str], weights: str | os.PathLike, real_set: RealSet | None,
                         resolution: int, num_generated: int, seed: int | None = None,
-                        truncation: float | None = None) -> dict[str, str]:
+                        truncation: float | None = None, runtime: str = "torch"
+                        ) -> dict[str, str]:
     """`protocol.<field>` -> value (strings, as MLflow params and tags want)."""
     libs = library_versions()
     fields = {
@@ -42,6 +44,7 @@ def evaluation_protocol(metrics: list[str], weights: str | os.PathLike, real_set
                   f"differs), then bilinear to {INCEPTION_SIZE} px inside torch-fidelity",
         "library": f"torch-fidelity {libs['torch-fidelity']}"
                    + (f", prdc {libs['prdc']}" if "dc" in metrics else ""),
+        "runtime": runtime,
         "k": f"precision/recall {PRC_K}, density/coverage {DC_K}",
         "seed": "none" if seed is None else str(seed),
         "metrics": ",".join(metrics),

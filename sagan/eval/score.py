@@ -201,7 +201,7 @@ def _score(fake_images: torch.Tensor, real: Any, eval_cfg: EvalConfig, device: t
     weights = resolve_inception_weights(eval_cfg.inception_weights, progress=progress)
     require_classifier(weights, wanted)
     layers = (POOL_LAYER, LOGITS_LAYER) if "is" in wanted else (POOL_LAYER,)
-    extractor = feature_extractor(weights, device, layers)
+    extractor = feature_extractor(weights, device, layers, eval_cfg.runtime, eval_cfg.cache_dir)
     fake = _gather(featurize(fake_images, extractor, eval_cfg.batch_size, device, progress,
                              "Inception (generated)"), world)
     real_set, real_features = None, None
@@ -222,7 +222,8 @@ def _score(fake_images: torch.Tensor, real: Any, eval_cfg: EvalConfig, device: t
     protocol = evaluation_protocol(wanted, weights, real_set, resolution,
                                    num_generated=int(eval_cfg.num_samples if world > 1 else
                                                      len(fake_images)),
-                                   seed=seed, truncation=truncation)
+                                   seed=seed, truncation=truncation,
+                                   runtime=getattr(extractor, "runtime", "torch"))
     return Evaluation(_broadcast(result, world), protocol)
 
 
