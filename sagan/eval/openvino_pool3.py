@@ -119,9 +119,11 @@ def openvino_pool3(extractor: nn.Module, fingerprint: str, cache_dir: str | os.P
 
     root = Path(os.path.expandvars(str(cache_dir))).expanduser() / "openvino"
     path = root / f"inception-pool3-{fingerprint}-ov{_version()}.xml"
+    # no CPU pinning: OpenVINO pins its threads to the first cores by default, so two Ray
+    # workers on one node (one thread each) shared a core: 7 img/s each against torch's 8.6
     compiled = ov.Core().compile_model(_converted(extractor, path), "CPU", {
         "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-        "PERFORMANCE_HINT": "LATENCY"})
+        "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False})
     fast = OpenVinoPool3(compiled)
     probe = _probe_images()
     with torch.no_grad():
