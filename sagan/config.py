@@ -140,7 +140,8 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: _default_metrics())
     inception_weights: str | None = None
     cache_dir: str = "~/.cache/sagan/fidelity"
-    # pool3 on CPU: auto = OpenVINO when installed (same features, 1.5-1.7x faster), else torch
+    # pool3 on CPU: auto = OpenVINO when installed (same features, 1.2x per evaluation in
+    # training), else torch
     runtime: str = "auto"
 
 

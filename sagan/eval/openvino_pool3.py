@@ -1,10 +1,11 @@
-"""Inception pool3 on CPU through OpenVINO: the same network and weights, 1.5-1.7x faster.
+"""Inception pool3 on CPU through OpenVINO: the same network and weights, faster.
 
 Evaluation is nearly all Inception (bench/inception_speed.py, docs/PERFORMANCE.md): on CPU,
 OpenVINO (fp32, precision hint forced: it would pick bf16 by itself where the CPU has it) ran the
-network 1.5-1.7x faster than our eager channels-last torch path, with features equal to ~1e-6
-relative, in seconds of set-up; `torch.compile` was faster still but compiles for minutes per
-process. Only the network after the resize runs in OpenVINO; the uint8 -> 299 px bilinear resize
+network 1.5x faster than our eager channels-last torch path in one process (1.2x for a whole
+evaluation on 2 one-thread Ray workers), with features equal to ~1e-6 relative, in seconds of
+set-up; `torch.compile` was faster still but compiles for minutes per process. Only the
+network after the resize runs in OpenVINO; the uint8 -> 299 px bilinear resize
 and the (x - 128) / 128 scaling stay torch-fidelity's own code, so the input is bit-identical.
 
 Every build is checked against the torch network on probe images (MATCH_TOLERANCE); a
