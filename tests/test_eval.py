@@ -37,8 +37,11 @@ TINY = ["model.g_ch=8", "model.d_ch=8", "model.image_size=32", "model.g_attentio
 
 
 def eval_cfg(weights: Path | None, cache: Path, metrics: list[str], n: int = N) -> EvalConfig:
+    """torch runtime: these tests count torch-fidelity's forward calls and check the sharing and
+    caching around it; the OpenVINO runtime is checked in test_eval_standard.py."""
     return EvalConfig(num_samples=n, real_samples=n, batch_size=N, metrics=metrics,
-                      inception_weights=str(weights) if weights else None, cache_dir=str(cache))
+                      inception_weights=str(weights) if weights else None, cache_dir=str(cache),
+                      runtime="torch")
 
 
 def smooth_images(n: int, seed: int) -> torch.Tensor:
