@@ -16,6 +16,7 @@ GPUs stay on torch.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -62,6 +63,7 @@ class OpenVinoPool3(nn.Module):
     def __init__(self, compiled) -> None:
         super().__init__()
         self.compiled = compiled
+        self.core = _core()  # set after `compiled`, so released after it: the Core outlives it
         self.runtime = f"OpenVINO {_version()} fp32"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
@@ -73,6 +75,14 @@ def _version() -> str:
     import openvino as ov
 
     return ov.__version__.split("-", 1)[0]
+
+
+@functools.cache
+def _core():
+    """One OpenVINO Core per process, never released before the networks compiled with it."""
+    import openvino as ov
+
+    return ov.Core()
 
 
 def available() -> bool:
@@ -96,7 +106,7 @@ def _converted(extractor: nn.Module, path: Path):
     import openvino as ov
 
     if path.is_file() and path.with_suffix(".bin").is_file():
-        return ov.Core().read_model(str(path))
+        return _core().read_model(str(path))
     model = ov.convert_model(Trunk(extractor).eval(), example_input=torch.zeros(1, 3, 299, 299))
     model.reshape([-1, 3, 299, 299])
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,13 +126,12 @@ def openvino_pool3(extractor: nn.Module, fingerprint: str, cache_dir: str | os.P
             raise InceptionWeightsError("eval.runtime: 'openvino' is not installed "
                                         "(pip install openvino), or use eval.runtime=torch")
         return extractor
-    import openvino as ov
 
     root = Path(os.path.expandvars(str(cache_dir))).expanduser() / "openvino"
     path = root / f"inception-pool3-{fingerprint}-ov{_version()}.xml"
     # no CPU pinning: OpenVINO pins its threads to the first cores by default, so two Ray
     # workers on one node (one thread each) shared a core: 7 img/s each against torch's 8.6
-    compiled = ov.Core().compile_model(_converted(extractor, path), "CPU", {
+    compiled = _core().compile_model(_converted(extractor, path), "CPU", {
         "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False})
     fast = OpenVinoPool3(compiled)
