@@ -140,9 +140,9 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: _default_metrics())
     inception_weights: str | None = None
     cache_dir: str = "~/.cache/sagan/fidelity"
-    # pool3 on CPU: auto = OpenVINO when installed (same features, 1.2x per evaluation in
-    # training), else torch
-    runtime: str = "auto"
+    # pool3 on CPU: torch, or opt-in auto / openvino = OpenVINO (same features, 1.2x per
+    # evaluation in training; the quickstart's choice; docs/EVALUATION.md)
+    runtime: str = "torch"
 
 
 def _default_metrics() -> list[str]:
