@@ -11,9 +11,9 @@ on the same uint8 images, timed interleaved in one process (bench/timing.py):
 - `eager_contiguous`: the same network in the default memory format;
 - `compile`: `torch.compile` of the channels-last network (compile time not counted);
 - `onnxruntime`: the network after the resize exported to ONNX, ONNX Runtime's CPU provider;
-- `openvino`: what evaluation runs on CPU by default since this benchmark (`eval.runtime`, sagan/
-  eval/openvino_pool3.py): the network converted from torch to OpenVINO, precision hint forced
-  to f32 (OpenVINO picks bf16 by itself on CPUs that have it, not the same measurement).
+- `openvino`: what evaluation runs on CPU with `eval.runtime: auto` (the quickstart's setting;
+  sagan/eval/openvino_pool3.py): the network converted from torch to OpenVINO, precision hint
+  forced to f32 (OpenVINO picks bf16 by itself on CPUs that have it, not the same measurement).
 
 The resize to 299 px and the (x - 128) / 128 scaling stay in torch for the exported cases
 (torch-fidelity's TF1-compatible bilinear resize, cheap next to the network). Each case's
