@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=2, help="alternating reps per world size")
     p.add_argument("--source", default="fashion-mnist", help="prepare_dataset source spec")
     p.add_argument("--workers", default="1,2", help="world sizes to run (default 1,2)")
-    p.add_argument("--runtimes", default="auto",
-                   help="eval.runtime values to run, the first is the baseline (default auto)")
+    p.add_argument("--runtimes", default="torch",
+                   help="eval.runtime values to run, the first is the baseline (default torch)")
     p.add_argument("--out", default=str(RESULTS / "eval_scaling.json"))
     return p.parse_args(argv)
 

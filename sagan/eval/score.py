@@ -223,7 +223,7 @@ def _score(fake_images: torch.Tensor, real: Any, eval_cfg: EvalConfig, device: t
                                    num_generated=int(eval_cfg.num_samples if world > 1 else
                                                      len(fake_images)),
                                    seed=seed, truncation=truncation,
-                                   runtime=getattr(extractor, "runtime", "torch"))
+                                   runtime=extractor.runtime)
     return Evaluation(_broadcast(result, world), protocol)
 
 
